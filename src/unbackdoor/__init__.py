@@ -1,0 +1,6 @@
+"""unbackdoor: defend image classifiers against backdoor attacks (DBD, BCU)."""
+from .errors import UnbackdoorError
+from .models.io import load_model, save_model
+
+__version__ = "0.1.0"
+__all__ = ["UnbackdoorError", "load_model", "save_model", "__version__"]

@@ -1,0 +1,93 @@
+"""Label-Consistent backdoor (Turner et al. 2019): clean-label. Target-class
+training images are first made hard to classify by their content with a PGD
+adversarial perturbation (L-inf, from a surrogate model trained on clean data),
+then the trigger is added; labels are unchanged, so the model can only fit
+those samples through the trigger.
+
+Trigger: a 3x3 black/white checkerboard in each of the four corners (the
+paper's four-corner pattern) at full amplitude. ``eps`` defaults to 0.3 for
+1-channel images (the MNIST convention) and 16/255 for colour images.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data.augment import to_float, to_uint8
+from ..errors import UnbackdoorError
+from .base import Attack, register
+
+
+def corner_checkerboard(shape: tuple[int, int, int], size: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pattern, mask) for a ``size`` checkerboard in the four corners."""
+    c, h, w = shape
+    cb = ((torch.arange(size)[:, None] + torch.arange(size)[None, :]) % 2 == 0).float()
+    pattern = torch.zeros(c, h, w)
+    mask = torch.zeros(1, h, w)
+    for r, q in ((0, 0), (0, w - size), (h - size, 0), (h - size, w - size)):
+        # mirror so each corner's outermost pixel is white
+        pattern[:, r : r + size, q : q + size] = cb
+        mask[:, r : r + size, q : q + size] = 1
+    return pattern, mask
+
+
+def pgd_away(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
+             step_size: float | None = None, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Untargeted L-inf PGD that pushes x away from its label y (maximises CE)."""
+    step_size = step_size or 2.5 * eps / steps
+    model.eval()
+    delta = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * eps
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
+        (g,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + step_size * g.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1).detach()
+
+
+@register
+class LabelConsistent(Attack):
+    name = "lc"
+    clean_label = True
+
+    def __init__(self, shape, num_classes, target=0, mode="all-to-one", seed=0, eps: float | None = None,
+                 pgd_steps: int = 10, patch_size: int = 3, surrogate_epochs: int = 6, surrogate_model: str = "cnn-small"):
+        super().__init__(shape, num_classes, target, mode, seed)
+        self.eps = float(eps) if eps is not None else (0.3 if self.shape[0] == 1 else 16 / 255)
+        if not 0 <= self.eps <= 1:
+            raise UnbackdoorError(f"lc eps must be in [0, 1], got {self.eps}")
+        self.pgd_steps, self.patch_size = int(pgd_steps), int(patch_size)
+        self.surrogate_epochs, self.surrogate_model = int(surrogate_epochs), surrogate_model
+        self.pattern, self.mask = corner_checkerboard(self.shape, self.patch_size)
+        self.surrogate: torch.nn.Module | None = None
+
+    def apply(self, x, gen=None):
+        m = self.mask.to(x)
+        return (1 - m) * x + m * self.pattern.to(x)
+
+    def train_surrogate(self, dataset) -> torch.nn.Module:
+        """Train the clean surrogate the adversarial perturbations come from."""
+        from ..models import create
+        from ..training import TrainConfig, fit, set_seed
+        from ..training.engine import EngineOptions
+
+        set_seed(self.seed)
+        model = create(self.surrogate_model, dataset.num_classes, dataset.shape[0], dataset.shape[1])
+        cfg = TrainConfig(epochs=self.surrogate_epochs, seed=self.seed, engine=EngineOptions(progress=False))
+        return fit(model, dataset, cfg, desc="lc surrogate").model.cpu()
+
+    def poison_images(self, images, labels, dataset):
+        if self.surrogate is None:
+            self.surrogate = self.train_surrogate(dataset)
+        model = self.surrogate
+        gen = torch.Generator().manual_seed(3000 + self.seed)
+        out = []
+        for i in range(0, len(images), 256):
+            x = to_float(images[i : i + 256])
+            adv = pgd_away(model, x, labels[i : i + 256], self.eps, self.pgd_steps, gen=gen)
+            out.append(to_uint8(self.apply(adv)))
+        return torch.cat(out)
+
+    def params(self):
+        return {"eps": self.eps, "pgd_steps": self.pgd_steps, "patch_size": self.patch_size,
+                "surrogate_epochs": self.surrogate_epochs, "surrogate_model": self.surrogate_model}

@@ -1,0 +1,58 @@
+"""Command-line interface: a thin skin over the Python API.
+
+Each subcommand lives in ``unbackdoor/commands/<name>.py`` with ``add_parser``
+and ``run``; user errors print one line on stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UnbackdoorError
+
+# Order = order in --help. Adding a command is adding a module here.
+COMMANDS = ["poison", "train", "evaluate", "dbd", "bcu", "demo", "report", "sweep"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="unbackdoor",
+        description="Defend image classifiers against backdoor attacks: poison data, train, "
+        "defend with DBD or BCU, and measure.",
+    )
+    parser.add_argument("--version", action="version", version=f"unbackdoor {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f".commands.{name}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.endswith(f"commands.{name}"):
+                continue  # command not available in this build
+            raise
+        p = mod.add_parser(sub)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args._run(args)
+        return int(rc or 0)
+    except UnbackdoorError as e:
+        print(f"unbackdoor {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"unbackdoor {args.command}: interrupted (re-run with --resume to continue)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

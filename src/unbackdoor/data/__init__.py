@@ -1,0 +1,20 @@
+"""Datasets held in memory as uint8 tensors, loaders, splits and batched augmentation."""
+from .dataset import ImageDataset
+from .loaders import (
+    DatasetInfo,
+    dataset_info,
+    dataset_names,
+    load_cifar10,
+    load_cifar100,
+    load_digits,
+    load_gtsrb,
+    load_imagefolder,
+    load_mnist5k,
+    load_splits,
+)
+from .splits import Splits, stratified_split
+
+__all__ = [
+    "ImageDataset", "Splits", "DatasetInfo", "stratified_split", "load_splits", "dataset_names", "dataset_info",
+    "load_mnist5k", "load_digits", "load_cifar10", "load_cifar100", "load_gtsrb", "load_imagefolder",
+]

@@ -1,0 +1,239 @@
+"""Batched, on-device image augmentations.
+
+Every function takes a float batch ``x`` (N, C, H, W) in [0, 1] on any device
+and a ``torch.Generator`` on the same device (or None), and draws one set of
+random parameters per sample with tensor ops: there is no Python loop over
+images, so the hot loop costs a few kernel launches per batch (DESIGN.md:
+"augmentation is batched tensor work, not per-sample PIL").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _rand(n: int, gen: torch.Generator | None, device, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
+
+
+def _bcast(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def to_float(x_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (N,C,H,W) -> float32 in [0, 1]."""
+    return x_u8.float().div_(255)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float in [0, 1] -> uint8, rounded."""
+    return x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Zero-pad by ``padding`` and take a random crop of the original size (per sample)."""
+    if padding <= 0:
+        return x
+    n, c, h, w = x.shape
+    xp = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=x.device)
+    iy = (torch.arange(h, device=x.device)[None, :] + dy[:, None])  # (n, h) source rows
+    ix = (torch.arange(w, device=x.device)[None, :] + dx[:, None])  # (n, w) source cols
+    rows = xp.gather(2, iy[:, None, :, None].expand(n, c, h, xp.shape[3]))
+    return rows.gather(3, ix[:, None, None, :].expand(n, c, h, w))
+
+
+def hflip(x: torch.Tensor, p: float = 0.5, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image horizontally with probability ``p``."""
+    if p <= 0:
+        return x
+    m = _rand(len(x), gen, x.device) < p
+    return torch.where(_bcast(m), x.flip(3), x)
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    gen: torch.Generator | None = None,
+    out_size: int | None = None,
+) -> torch.Tensor:
+    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio`` and resize
+    back (bilinear), like torchvision's RandomResizedCrop but for a whole batch at once."""
+    n, _, h, w = x.shape
+    dev = x.device
+    area = _rand(n, gen, dev, *scale)
+    logr = _rand(n, gen, dev, math.log(ratio[0]), math.log(ratio[1]))
+    r = torch.exp(logr)
+    # crop width/height as fractions of the image side; clamp keeps them inside the image
+    cw = torch.sqrt(area * r).clamp(max=1.0)
+    ch = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (_rand(n, gen, dev) * 2 - 1) * (1 - cw)
+    cy = (_rand(n, gen, dev) * 2 - 1) * (1 - ch)
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0] = cw
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = ch
+    theta[:, 1, 2] = cy
+    size = (n, x.shape[1], out_size or h, out_size or w)
+    grid = F.affine_grid(theta, size, align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def color_jitter(
+    x: torch.Tensor,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+    p: float = 0.8,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue jitter, applied to each image with prob ``p``.
+
+    Factors are drawn as in torchvision (uniform in [1-v, 1+v], hue in [-h, h]);
+    hue is a rotation in YIQ space (cheap, batched). On 1-channel images,
+    saturation and hue have no effect.
+    """
+    n, dev = len(x), x.device
+    apply = _bcast(_rand(n, gen, dev) < p)
+    out = x
+    if brightness > 0:
+        out = out * _bcast(_rand(n, gen, dev, 1 - brightness, 1 + brightness))
+    if contrast > 0:
+        mean = _gray(out).mean(dim=(1, 2, 3), keepdim=True)
+        f = _bcast(_rand(n, gen, dev, 1 - contrast, 1 + contrast))
+        out = (out - mean) * f + mean
+    if x.shape[1] == 3:
+        if saturation > 0:
+            g = _gray(out)
+            f = _bcast(_rand(n, gen, dev, 1 - saturation, 1 + saturation))
+            out = (out - g) * f + g
+        if hue > 0:
+            out = _hue_rotate(out, _rand(n, gen, dev, -hue, hue) * 2 * math.pi)
+    out = out.clamp(0, 1)
+    return torch.where(apply, out, x)
+
+
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    m = _RGB2YIQ.to(x)
+    minv = torch.linalg.inv(m)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    n = len(x)
+    rot = torch.zeros(n, 3, 3, device=x.device, dtype=x.dtype)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1] = cos
+    rot[:, 1, 2] = -sin
+    rot[:, 2, 1] = sin
+    rot[:, 2, 2] = cos
+    t = minv @ rot @ m  # (n,3,3)
+    return torch.einsum("nij,njhw->nihw", t, x)
+
+
+def random_grayscale(x: torch.Tensor, p: float = 0.2, gen: torch.Generator | None = None) -> torch.Tensor:
+    if x.shape[1] == 1 or p <= 0:
+        return x
+    m = _bcast(_rand(len(x), gen, x.device) < p)
+    return torch.where(m, _gray(x).expand_as(x), x)
+
+
+def gaussian_blur(
+    x: torch.Tensor,
+    p: float = 0.5,
+    sigma: tuple[float, float] = (0.1, 2.0),
+    kernel_frac: float = 0.1,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Gaussian blur with a per-sample sigma; kernel ~10% of the image side (SimCLR)."""
+    n, c, h, w = x.shape
+    k = max(3, int(kernel_frac * min(h, w)) // 2 * 2 + 1)
+    s = _rand(n, gen, x.device, *sigma)
+    s = torch.where(_rand(n, gen, x.device) < p, s, torch.zeros_like(s))
+    r = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    ker = torch.exp(-(r[None, :] ** 2) / (2 * s[:, None].clamp(min=1e-3) ** 2))
+    # sigma 0 means "no blur": a delta kernel
+    delta = (r == 0).to(x.dtype)[None, :].expand(n, k)
+    ker = torch.where((s > 0)[:, None], ker, delta)
+    ker = ker / ker.sum(1, keepdim=True)
+    ker = ker.repeat_interleave(c, 0)  # (n*c, k)
+    xr = x.reshape(1, n * c, h, w)
+    xr = F.conv2d(F.pad(xr, (k // 2, k // 2, 0, 0), mode="reflect"), ker[:, None, None, :], groups=n * c)
+    xr = F.conv2d(F.pad(xr, (0, 0, k // 2, k // 2), mode="reflect"), ker[:, None, :, None], groups=n * c)
+    return xr.reshape(n, c, h, w)
+
+
+def random_noise(
+    x: torch.Tensor, offset: float = 0.2, std: float = 0.05, gen: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random global brightness offset plus Gaussian pixel noise.
+
+    Not in the SimCLR paper: the prototype (DESIGN.md) found that without it the
+    self-supervised features of Blended-poisoned images can cluster (a blend is a
+    global brightness/pattern shift); randomising both breaks that shortcut.
+    """
+    n = len(x)
+    off = _bcast(_rand(n, gen, x.device, -offset, offset))
+    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype) * std
+    return (x + off + noise).clamp(0, 1)
+
+
+@dataclass
+class SimCLRAugment:
+    """One SimCLR view (DESIGN.md stage 1): RandomResizedCrop(0.2-1), optional flip,
+    ColorJitter(0.4,0.4,0.4,0.1) p=0.8, grayscale p=0.2, Gaussian blur p=0.5,
+    plus the optional noise augmentation."""
+
+    scale: tuple[float, float] = (0.2, 1.0)
+    flip: bool = True
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    noise: bool = False
+    noise_offset: float = 0.2
+    noise_std: float = 0.05
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        x = random_resized_crop(x, self.scale, gen=gen)
+        if self.flip:
+            x = hflip(x, 0.5, gen)
+        x = color_jitter(x, *self.jitter, p=self.jitter_p, gen=gen)
+        x = random_grayscale(x, self.gray_p, gen)
+        if self.blur_p > 0:
+            x = gaussian_blur(x, self.blur_p, gen=gen)
+        if self.noise:
+            x = random_noise(x, self.noise_offset, self.noise_std, gen)
+        return x
+
+
+@dataclass
+class WeakAugment:
+    """Standard supervised / MixMatch weak augmentation: random crop with padding
+    (1/8 of the side, 4 px on 32x32) and optional horizontal flip."""
+
+    padding: int = 4
+    flip: bool = True
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        x = random_crop(x, self.padding, gen)
+        if self.flip:
+            x = hflip(x, 0.5, gen)
+        return x
+
+
+def weak_augment_for(meta: dict, image_size: int) -> WeakAugment:
+    """The usual weak augmentation for a dataset: pad = size/8, flip only where valid."""
+    return WeakAugment(padding=max(1, image_size // 8), flip=bool(meta.get("flip", False)))

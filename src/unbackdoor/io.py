@@ -1,0 +1,152 @@
+"""Atomic file output and output-directory safety.
+
+Every file the tool writes goes to a temporary sibling first and is renamed
+into place, so a killed run never leaves a truncated file behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from .errors import UnbackdoorError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the same folder; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_yaml(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, yaml.safe_dump(_plain(obj), sort_keys=False))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UnbackdoorError(f"file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UnbackdoorError(f"corrupted JSON file {path}: {e}") from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UnbackdoorError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UnbackdoorError(f"invalid YAML in {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise UnbackdoorError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+        import torch
+
+        if isinstance(o, torch.Tensor):
+            return o.tolist()
+        if isinstance(o, (np.generic,)):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _plain(obj: Any) -> Any:
+    """Turn tuples/Paths/numpy scalars into YAML-safe plain values."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            return obj.item()
+        except Exception:  # noqa: BLE001
+            return obj
+    return obj
+
+
+def prepare_out_dir(path: str | os.PathLike, *, force: bool = False, resume: bool = False) -> Path:
+    """Check that ``path`` may be written; never silently overwrite a non-empty folder.
+
+    - empty or missing: fine (created);
+    - non-empty with ``resume``: fine, the caller continues from its checkpoints;
+    - non-empty with ``force``: the old contents are removed;
+    - otherwise an :class:`UnbackdoorError`.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UnbackdoorError(f"output path {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if resume:
+            return path
+        if force:
+            shutil.rmtree(path)
+        else:
+            raise UnbackdoorError(
+                f"output directory {path} exists and is not empty; pass --force to overwrite "
+                "or --resume to continue"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Build a whole output folder in a temporary sibling and move it into place at the end.
+
+    Used by one-shot commands (``poison``): a failure leaves nothing behind.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UnbackdoorError(f"output path {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise UnbackdoorError(f"output directory {path} exists and is not empty; pass --force to overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,113 @@
+"""The Python API behind ``poison``, ``train`` and ``evaluate`` (the CLI only parses
+arguments and calls these)."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attacks.base import check_rate, make_attack
+from .config import to_dict
+from .data.loaders import dataset_info, load_splits
+from .errors import UnbackdoorError
+from .io import prepare_out_dir, staged_dir, write_json, write_yaml
+from .metrics import evaluate as evaluate_model
+from .models.io import load_model, save_model
+from .models.registry import create, model_names
+from .rundir import PoisonedData, load_data, save_poisoned
+from .training.fit import TrainConfig, fit
+from .training.engine import set_seed
+
+
+def poison(dataset: str, attack: str, out: str | os.PathLike, rate: float = 0.1, target: int = 0, seed: int = 0,
+           mode: str = "all-to-one", root: str | None = None, params: dict[str, Any] | None = None,
+           force: bool = False) -> PoisonedData:
+    """Poison ``dataset`` with ``attack`` and write a poisoned-data folder to ``out``.
+
+    Every input is validated before anything is written; the folder is built
+    aside and moved into place at the end, so a failure leaves nothing behind.
+    """
+    check_rate(rate)
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UnbackdoorError(f"output directory {out} exists and is not empty; pass --force to overwrite")
+    info = dataset_info(dataset) if not Path(dataset).exists() else None
+    splits = load_splits(dataset, root=root, seed=seed)
+    atk = make_attack(attack, splits.train.shape, splits.train.num_classes, target=target, mode=mode, seed=seed, **(params or {}))
+    t0 = time.perf_counter()
+    ptrain, mask = atk.poison(splits.train, rate, seed=seed)
+    flip = bool(splits.train.meta.get("flip", info.flip if info else False))
+    stats = {
+        "dataset": dataset, "attack": attack, "rate": rate, "target": target, "mode": mode, "seed": seed,
+        "flip": flip, "n_train": len(ptrain), "n_poisoned": int(mask.sum()), "n_test": len(splits.test),
+        "n_heldout": len(splits.heldout), "image_shape": list(ptrain.shape), "num_classes": ptrain.num_classes,
+        "poison_seconds": round(time.perf_counter() - t0, 3),
+    }
+    if "noise_mask" in ptrain.meta:
+        stats["n_noise"] = int(ptrain.meta["noise_mask"].sum())
+    config = {"command": "poison", "dataset": dataset, "root": root, "attack": atk.spec(), "rate": rate, "seed": seed}
+    with staged_dir(out, force=force) as tmp:
+        save_poisoned(tmp, ptrain, splits.test, splits.heldout, atk)
+        write_yaml(tmp / "config.yaml", config)
+        write_json(tmp / "metrics.json", stats)
+    ptrain.meta["flip"] = flip
+    return PoisonedData(ptrain, splits.test, splits.heldout, atk, stats)
+
+
+def build_model(name: str, data: PoisonedData) -> nn.Module:
+    if name not in model_names():
+        from .errors import unknown_name
+
+        raise unknown_name("model", name, model_names())
+    c, h, w = data.train.shape
+    if h != w:
+        raise UnbackdoorError(f"models expect square images, got {h}x{w}")
+    return create(name, num_classes=data.train.num_classes, in_channels=c, image_size=h)
+
+
+def train(data: str | os.PathLike | PoisonedData, out: str | os.PathLike, model: str | nn.Module = "cnn-small",
+          cfg: TrainConfig | None = None, resume: bool = False, force: bool = False, clean: bool = False) -> dict:
+    """Train a model on a poisoned-data folder (or ``.npz``) and write a model directory to ``out``.
+
+    ``clean=True`` drops the poisoned samples first (a clean reference model).
+    Returns the metrics dict (also written to ``out/metrics.json``).
+    """
+    cfg = cfg or TrainConfig()
+    pd = data if isinstance(data, PoisonedData) else load_data(data)
+    train_set = pd.train
+    if clean and train_set.poisoned is not None:
+        train_set = train_set.subset(torch.nonzero(~train_set.poisoned).flatten())
+    arch = model if isinstance(model, str) else getattr(model, "arch", {}).get("name", "custom")
+    set_seed(cfg.seed)
+    net = build_model(model, pd) if isinstance(model, str) else model
+    out = prepare_out_dir(out, force=force, resume=resume)
+    write_yaml(out / "config.yaml", {"command": "train", "data": str(getattr(data, "meta", {}).get("source", data)) if not isinstance(data, PoisonedData) else "api",
+                                     "model": arch, "clean": clean, "train": to_dict(cfg)})
+    evaluate = (lambda m: {k: v for k, v in evaluate_model(m, pd.test, pd.attack).items() if not k.startswith("n_")})
+    res = fit(net, train_set, cfg, checkpoint=out / "checkpoint.pt", resume=resume, evaluate=evaluate)
+    metrics = evaluate_model(res.model, pd.test, pd.attack)
+    metrics.update({"train_seconds": round(res.seconds, 2), "epochs": cfg.epochs, "precision": res.precision,
+                    "model": arch, "clean_reference": clean, "n_train": len(train_set)})
+    if arch != "custom":
+        save_model(res.model, out, classes=pd.train.classes,
+                   provenance={"command": "train", "clean": clean, "attack": pd.attack.spec() if pd.attack else None})
+    write_json(out / "history.json", res.history)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def evaluate(model: str | os.PathLike | nn.Module, data: str | os.PathLike | PoisonedData, device: str = "cpu") -> dict:
+    """Clean accuracy / ASR / robust accuracy of a model on a data folder's test set."""
+    pd = data if isinstance(data, PoisonedData) else load_data(data)
+    net = load_model(model, device=device) if not isinstance(model, nn.Module) else model
+    c = getattr(net, "arch", {}).get("in_channels")
+    if c is not None and (c, net.arch["image_size"], net.arch["image_size"]) != pd.test.shape:
+        raise UnbackdoorError(f"model expects images {(c, net.arch['image_size'], net.arch['image_size'])}, data has {pd.test.shape}")
+    n_cls = getattr(net, "arch", {}).get("num_classes")
+    if n_cls is not None and n_cls != pd.test.num_classes:
+        raise UnbackdoorError(f"model has {n_cls} classes, data has {pd.test.num_classes}")
+    return evaluate_model(net, pd.test, pd.attack)

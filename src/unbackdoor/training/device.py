@@ -1,0 +1,164 @@
+"""Device, precision and memory-format choice.
+
+CPUs differ: on an AVX2-only CPU bf16 autocast ran 15x slower than fp32 while
+channels_last fp32 was 1.25-1.8x faster; on a CPU with bf16 instructions bf16
+was ~3x faster (DESIGN.md). So on CPU ``auto`` *measures* a few training steps
+of each candidate on the real model and batch shape and keeps the fastest;
+the result is cached per (CPU, torch, model, shape) in
+``~/.cache/unbackdoor/probe.json`` (``UNBACKDOOR_CACHE`` overrides the folder).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UnbackdoorError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto``: CUDA, then MPS, then CPU. Anything else is passed to ``torch.device``."""
+    if isinstance(spec, torch.device):
+        return spec
+    if spec in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if "LOCAL_RANK" in os.environ else 0)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise UnbackdoorError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnbackdoorError(f"device {spec!r} requested but CUDA is not available")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UnbackdoorError(f"device {spec!r} requested but MPS is not available")
+    return dev
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What the loop runs in: autocast dtype (None = fp32) and memory format."""
+
+    dtype: torch.dtype | None
+    channels_last: bool
+
+    @property
+    def name(self) -> str:
+        d = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        return f"{d}{'+channels_last' if self.channels_last else ''}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Precision":
+        base, _, fmt = name.partition("+")
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(base, "bad")
+        if dtype == "bad":
+            raise UnbackdoorError(f"unknown precision {name!r}; valid: {', '.join(PRECISIONS)}")
+        return cls(dtype, fmt == "channels_last")
+
+    def autocast(self, device: torch.device):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+    def needs_scaler(self, device: torch.device) -> bool:
+        return self.dtype == torch.float16 and device.type == "cuda"
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("UNBACKDOOR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "unbackdoor")
+    return Path(root) / "probe.json"
+
+
+def _cpu_id() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") or line.startswith("flags"):
+                    name += line
+    except OSError:
+        pass
+    return hashlib.sha1(name.encode()).hexdigest()[:12]
+
+
+def probe_precision(model: nn.Module, sample_shape: tuple[int, ...], device: torch.device, batch_size: int = 64,
+                    steps: int = 3, candidates: list[str] | None = None) -> Precision:
+    """Time ``steps`` forward/backward passes per candidate and return the fastest.
+
+    CUDA: bf16 where supported else fp16, channels_last (no probe needed).
+    CPU: fp32 NCHW vs fp32 channels_last vs bf16 channels_last, measured.
+    MPS: fp32.
+    """
+    if device.type == "cuda":
+        return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, True)
+    if device.type != "cpu":
+        return Precision(None, False)
+    arch = getattr(model, "arch", {}).get("name", type(model).__name__)
+    key = f"{_cpu_id()}|{torch.__version__}|{arch}|{tuple(sample_shape)}|{batch_size}|{torch.get_num_threads()}"
+    cache = _cache_file()
+    try:
+        cached = json.loads(cache.read_text()).get(key)
+        if cached:
+            return Precision.parse(cached)
+    except (OSError, ValueError):
+        pass
+    import copy
+
+    candidates = candidates or ["fp32", "fp32+channels_last", "bf16+channels_last"]
+    x = torch.rand(batch_size, *sample_shape, device=device)
+    timings = {}
+    for name in candidates:
+        prec = Precision.parse(name)
+        m = copy.deepcopy(model).to(device).train()
+        xi = x.contiguous(memory_format=torch.channels_last) if prec.channels_last else x
+        if prec.channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        best = float("inf")
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            with prec.autocast(device):
+                out = m(xi)
+            out.float().sum().backward()
+            if i:
+                best = min(best, time.perf_counter() - t0)
+            # A candidate 3x slower than the best so far is hopeless: stop early (bf16 without hardware support).
+            if i and timings and best > 3 * min(timings.values()):
+                break
+        timings[name] = best
+    choice = min(timings, key=timings.get)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(cache.read_text()) if cache.exists() else {}
+        data[key] = choice
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, cache)
+    except (OSError, ValueError):
+        pass
+    return Precision.parse(choice)
+
+
+def resolve_precision(name: str, model: nn.Module, sample_shape: tuple[int, ...], device: torch.device,
+                      batch_size: int = 64) -> Precision:
+    """``auto`` probes (see :func:`probe_precision`); otherwise parse the name
+    (``fp32``, ``bf16``, ``fp16``, optionally ``+channels_last``)."""
+    if name == "auto":
+        return probe_precision(model, sample_shape, device, batch_size=min(batch_size, 128))
+    prec = Precision.parse(name)
+    if prec.dtype == torch.float16 and device.type == "cpu":
+        raise UnbackdoorError("fp16 autocast is for CUDA; on CPU use fp32 or bf16")
+    if "+" not in name and device.type == "cuda":
+        prec = Precision(prec.dtype, True)
+    return prec
