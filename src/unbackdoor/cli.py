@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _init_distributed(args)
         rc = args._run(args)
         return int(rc or 0)
     except UnbackdoorError as e:
@@ -52,6 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"unbackdoor {args.command}: interrupted (re-run with --resume to continue)", file=sys.stderr)
         return 130
+
+
+def _init_distributed(args: argparse.Namespace) -> None:
+    """Under torchrun: join the process group; only rank 0 prints results."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from .training.device import pick_device
+    from .training.distributed import init_distributed
+
+    ctx = init_distributed(pick_device(getattr(args, "device", "auto")).type)
+    if not ctx.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
 
 if __name__ == "__main__":

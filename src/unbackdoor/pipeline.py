@@ -20,6 +20,7 @@ from .models.io import load_model, save_model
 from .models.registry import create, model_names
 from .rundir import PoisonedData, load_data, save_poisoned
 from .training.fit import TrainConfig, fit
+from .training.distributed import current_context
 from .training.engine import set_seed
 
 
@@ -84,14 +85,21 @@ def train(data: str | os.PathLike | PoisonedData, out: str | os.PathLike, model:
     arch = model if isinstance(model, str) else getattr(model, "arch", {}).get("name", "custom")
     set_seed(cfg.seed)
     net = build_model(model, pd) if isinstance(model, str) else model
-    out = prepare_out_dir(out, force=force, resume=resume)
-    write_yaml(out / "config.yaml", {"command": "train", "data": str(getattr(data, "meta", {}).get("source", data)) if not isinstance(data, PoisonedData) else "api",
+    ctx = current_context()
+    if ctx.is_main:
+        out = prepare_out_dir(out, force=force, resume=resume)
+    ctx.barrier()
+    out = Path(out)
+    if ctx.is_main:
+        write_yaml(out / "config.yaml", {"command": "train", "data": "api" if isinstance(data, PoisonedData) else str(data),
                                      "model": arch, "clean": clean, "train": to_dict(cfg)})
     evaluate = (lambda m: {k: v for k, v in evaluate_model(m, pd.test, pd.attack).items() if not k.startswith("n_")})
     res = fit(net, train_set, cfg, checkpoint=out / "checkpoint.pt", resume=resume, evaluate=evaluate)
+    if not ctx.is_main:  # only rank 0 writes (issue 7); the others return its model unsaved
+        return {}
     metrics = evaluate_model(res.model, pd.test, pd.attack)
     metrics.update({"train_seconds": round(res.seconds, 2), "epochs": cfg.epochs, "precision": res.precision,
-                    "model": arch, "clean_reference": clean, "n_train": len(train_set)})
+                    "model": arch, "clean_reference": clean, "n_train": len(train_set), "world_size": ctx.world_size})
     if arch != "custom":
         save_model(res.model, out, classes=pd.train.classes,
                    provenance={"command": "train", "clean": clean, "attack": pd.attack.spec() if pd.attack else None})

@@ -69,6 +69,8 @@ class Engine:
         self.seed = seed
         self.model = model.to(self.device)
         self.precision = precision or resolve_precision(self.opts.precision, model, sample_shape, self.device, batch_size)
+        if self.dist.enabled:  # ranks must agree: a per-rank probe could pick differently
+            self.precision = Precision.parse(self.dist.broadcast_object(self.precision.name))
         if self.precision.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_model: nn.Module = self.model

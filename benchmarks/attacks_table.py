@@ -1,0 +1,48 @@
+"""Foundation acceptance table: for each attack on mnist5k (cnn-small, 10% poison,
+target 0): the attacked model's clean accuracy and ASR, and a clean-trained
+model's ASR (the same training split with the poisoned samples removed).
+
+    .venv/bin/python benchmarks/attacks_table.py [--out runs/attacks] [--attacks badnets,blended,...]
+
+Runs the real CLI API (pipeline.poison / pipeline.train) and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from unbackdoor.pipeline import poison, train
+from unbackdoor.training.engine import EngineOptions
+from unbackdoor.training.fit import TrainConfig
+
+# Epochs each attack needs to reach its acceptance ASR (measured; see README).
+EPOCHS = {"badnets": 12, "blended": 12, "wanet": 30, "sig": 12, "lc": 12}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/attacks")
+    ap.add_argument("--attacks", default="badnets,blended,wanet,sig,lc")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rows = []
+    for name in args.attacks.split(","):
+        base = Path(args.out) / name
+        t0 = time.perf_counter()
+        pd = poison("mnist5k", name, base / "data", rate=0.1, target=0, seed=args.seed, force=True)
+        t_poison = time.perf_counter() - t0
+        cfg = TrainConfig(epochs=EPOCHS.get(name, 12), seed=args.seed, engine=EngineOptions(progress=False))
+        att = train(pd, base / "attacked", "cnn-small", cfg, force=True)
+        cln = train(pd, base / "clean", "cnn-small", cfg, force=True, clean=True)
+        rows.append((name, cfg.epochs, pd.meta["n_poisoned"], att["clean_accuracy"], att["attack_success_rate"],
+                     cln["clean_accuracy"], cln["attack_success_rate"], t_poison, att["train_seconds"]))
+        print(rows[-1], flush=True)
+    print("\n| attack | epochs | poisoned | attacked BA | attacked ASR | clean-model BA | clean-model ASR | poison s | train s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.3f} | {r[7]:.1f} | {r[8]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
