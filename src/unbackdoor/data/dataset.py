@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -122,7 +123,9 @@ class ImageDataset:
                 true_labels = z["true_labels"] if "true_labels" in files else None
         except UnbackdoorError:
             raise
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        # zlib.error: damaged deflate data; NotImplementedError / RuntimeError: damaged zip
+        # headers (unknown version, "encrypted" flag).
+        except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError, RuntimeError) as e:
             raise UnbackdoorError(f"corrupted or unreadable .npz file {path}: {e}") from None
         return cls.from_arrays(images, labels, classes, poisoned, true_labels, name or path.stem, source=str(path))
 

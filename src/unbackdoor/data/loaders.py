@@ -215,10 +215,18 @@ def load_gtsrb(root: str | os.PathLike, size: int = 32) -> tuple[ImageDataset, I
     test = None
     for tdir in [root / "GTSRB/Final_Test/Images", root / "Final_Test/Images", root / "Test"]:
         csvs = list(tdir.glob("GT-final_test*.csv")) + list(root.glob("GT-final_test*.csv")) if tdir.is_dir() else []
+        # The test-image archive ships GT-final_test.test.csv without labels; only the separate
+        # ground-truth file (GT-final_test.csv) has the ClassId column.
+        csvs = [c for c in sorted(csvs) if _csv_has_class_ids(c)]
         if csvs:
             test = _gtsrb_test(tdir, csvs[0], size, names)
             break
     return train, test
+
+
+def _csv_has_class_ids(path: Path) -> bool:
+    with open(path, newline="") as f:
+        return "ClassId" in f.readline().strip().split(";")
 
 
 def _gtsrb_test(img_dir: Path, csv_path: Path, size: int, names: list[str]) -> ImageDataset:
@@ -265,8 +273,8 @@ def _digits_splits(root=None, seed: int = 0, size: int = 8, pad_to: int | None =
 def _with_heldout(train: ImageDataset, test: ImageDataset, seed: int, heldout_frac: float = 0.1) -> Splits:
     # Reference BCU setting: 10% of the training set is the clean held-out pool.
     n_held = int(round(heldout_frac * len(train)))
-    tr, ho, _ = stratified_split(train, (len(train) - n_held, n_held, 0), seed=seed)
-    return Splits(train=tr, test=test, heldout=ho)
+    parts = stratified_split(train, (len(train) - n_held, n_held, 0), seed=seed)
+    return Splits(train=parts.train, test=test, heldout=parts.test)
 
 
 @_register("cifar10", DatasetInfo(flip=True, default_model="resnet18", needs_root=True))
@@ -286,8 +294,7 @@ def _gtsrb_splits(root=None, seed: int = 0, size: int = 32, **kw) -> Splits:
     tr, te = load_gtsrb(root, size=size)
     if te is None:
         n = len(tr)
-        a, b, c = stratified_split(tr, (n - int(0.2 * n) - int(0.1 * n), int(0.2 * n), int(0.1 * n)), seed=seed)
-        return Splits(a, b, c)
+        return stratified_split(tr, (n - int(0.2 * n) - int(0.1 * n), int(0.2 * n), int(0.1 * n)), seed=seed)
     return _with_heldout(tr, te, seed)
 
 
