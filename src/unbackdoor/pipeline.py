@@ -52,11 +52,12 @@ def poison(dataset: str, attack: str, out: str | os.PathLike, rate: float = 0.1,
         stats["n_noise"] = int(ptrain.meta["noise_mask"].sum())
     config = {"command": "poison", "dataset": dataset, "root": root, "attack": atk.spec(), "rate": rate, "seed": seed}
     with staged_dir(out, force=force) as tmp:
-        save_poisoned(tmp, ptrain, splits.test, splits.heldout, atk)
+        save_poisoned(tmp, ptrain, splits.test, splits.heldout, atk, clean_train=splits.train)
         write_yaml(tmp / "config.yaml", config)
         write_json(tmp / "metrics.json", stats)
     ptrain.meta["flip"] = flip
-    return PoisonedData(ptrain, splits.test, splits.heldout, atk, stats)
+    changed = torch.nonzero((splits.train.images != ptrain.images).flatten(1).any(1)).flatten()
+    return PoisonedData(ptrain, splits.test, splits.heldout, atk, stats, (changed, splits.train.images[changed]))
 
 
 def build_model(name: str, data: PoisonedData) -> nn.Module:
@@ -74,14 +75,15 @@ def train(data: str | os.PathLike | PoisonedData, out: str | os.PathLike, model:
           cfg: TrainConfig | None = None, resume: bool = False, force: bool = False, clean: bool = False) -> dict:
     """Train a model on a poisoned-data folder (or ``.npz``) and write a model directory to ``out``.
 
-    ``clean=True`` drops the poisoned samples first (a clean reference model).
+    ``clean=True`` trains on the training split as it was before poisoning
+    (original images, true labels): the clean reference model.
     Returns the metrics dict (also written to ``out/metrics.json``).
     """
     cfg = cfg or TrainConfig()
     pd = data if isinstance(data, PoisonedData) else load_data(data)
     train_set = pd.train
-    if clean and train_set.poisoned is not None:
-        train_set = train_set.subset(torch.nonzero(~train_set.poisoned).flatten())
+    if clean:
+        train_set = pd.clean_train()
     arch = model if isinstance(model, str) else getattr(model, "arch", {}).get("name", "custom")
     set_seed(cfg.seed)
     net = build_model(model, pd) if isinstance(model, str) else model

@@ -6,6 +6,7 @@ Layout of DIR::
     train.npz        poisoned training set (images, labels, poisoned mask, true_labels)
     test.npz         clean test set
     heldout.npz      clean held-out split (never seen by the attacked model)
+    originals.npz    the untouched images of every modified training sample (for clean reference models)
     attack.json      the attack's full spec (+ attack.safetensors: trigger tensors)
     config.yaml      the resolved configuration
     metrics.json     poisoning statistics
@@ -13,13 +14,16 @@ Layout of DIR::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from .attacks.base import Attack, load_attack
 from .data.dataset import ImageDataset
 from .errors import UnbackdoorError
-from .io import read_json
+from .io import atomic_path, read_json
 
 
 @dataclass
@@ -30,15 +34,38 @@ class PoisonedData:
     attack: Attack | None
     meta: dict
 
+    originals: tuple[torch.Tensor, torch.Tensor] | None = None  # (index int64 (M,), uint8 images (M,C,H,W))
+
     @property
     def flip(self) -> bool:
         return bool(self.meta.get("flip", False))
 
+    def clean_train(self) -> ImageDataset:
+        """The training split as it was before poisoning: original images and true labels.
+
+        Clean-label attacks poison (possibly all) target-class samples, so dropping
+        poisoned samples is not a clean reference; restoring them is.
+        """
+        ds = self.train
+        images = ds.images.clone()
+        if self.originals is not None:
+            idx, orig = self.originals
+            images[idx] = orig
+        elif ds.poisoned is not None and bool(ds.poisoned.any()):
+            raise UnbackdoorError("this data folder has no originals.npz: the clean training images are unknown")
+        labels = ds.true_labels.clone() if ds.true_labels is not None else ds.labels.clone()
+        return replace(ds, images=images, labels=labels, poisoned=None, true_labels=None, meta=dict(ds.meta))
+
 
 def save_poisoned(folder: str | os.PathLike, train: ImageDataset, test: ImageDataset, heldout: ImageDataset,
-                  attack: Attack | None) -> None:
+                  attack: Attack | None, clean_train: ImageDataset | None = None) -> None:
     folder = Path(folder)
     train.save_npz(folder / "train.npz")
+    if clean_train is not None:
+        changed = torch.nonzero((clean_train.images != train.images).flatten(1).any(1)).flatten()
+        with atomic_path(folder / "originals.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, index=changed.numpy(), images=clean_train.images[changed].numpy())
     test.save_npz(folder / "test.npz")
     heldout.save_npz(folder / "heldout.npz")
     if attack is not None:
@@ -67,6 +94,13 @@ def load_data(path: str | os.PathLike) -> PoisonedData:
         if ds is not None:
             ds.meta.update({"flip": flip, "dataset": meta.get("dataset", "")})
     attack = load_attack(p) if (p / "attack.json").exists() else None
+    originals = None
+    if (p / "originals.npz").exists():
+        try:
+            with np.load(p / "originals.npz", allow_pickle=False) as z:
+                originals = (torch.from_numpy(z["index"].astype(np.int64)), torch.from_numpy(z["images"]))
+        except Exception as e:  # noqa: BLE001
+            raise UnbackdoorError(f"corrupted file {p / 'originals.npz'}: {e}") from None
     if attack is not None and attack.shape != train.shape:
         raise UnbackdoorError(f"{p}: attack.json is for images {attack.shape} but train.npz holds {train.shape}")
-    return PoisonedData(train, test, heldout, attack, meta)
+    return PoisonedData(train, test, heldout, attack, meta, originals)

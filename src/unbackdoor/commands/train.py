@@ -21,7 +21,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="YAML file overriding training settings (keys of TrainConfig, or a 'train:' section)")
-    p.add_argument("--clean", action="store_true", help="drop the poisoned samples first (a clean reference model)")
+    p.add_argument("--clean", action="store_true", help="train on the split as it was before poisoning (original images, true labels): a clean reference model")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_engine_args(p)
     return p

@@ -78,7 +78,7 @@ class Engine:
             if self.opts.sync_bn:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=True)
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if self.opts.compile:
             self.train_model = torch.compile(self.train_model)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_scaler(self.device) else None
