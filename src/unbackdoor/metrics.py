@@ -57,7 +57,8 @@ def detection_scores(flagged: torch.Tensor, poisoned: torch.Tensor) -> dict[str,
 def predict(model: nn.Module, images_u8: torch.Tensor, batch_size: int = 512, device: torch.device | str | None = None) -> torch.Tensor:
     """Predicted labels (int64 (N,), on CPU) for uint8 (N, C, H, W) images."""
     if device is None:
-        device = next(model.parameters()).device
+        param = next(model.parameters(), None)  # a parameter-free model (a fixed rule) runs on the CPU
+        device = param.device if param is not None else "cpu"
     was_training = model.training
     model.eval()
     out = []
