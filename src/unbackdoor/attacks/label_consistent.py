@@ -5,8 +5,14 @@ then the trigger is added; labels are unchanged, so the model can only fit
 those samples through the trigger.
 
 Trigger: a 3x3 black/white checkerboard in each of the four corners (the
-paper's four-corner pattern) at full amplitude. ``eps`` defaults to 0.3 for
-1-channel images (the MNIST convention) and 16/255 for colour images.
+paper's four-corner pattern) at full amplitude.
+
+Perturbation: ``norm="linf"`` with ``eps`` 16/255 for colour images (the
+paper's CIFAR setting). On digits an L-inf perturbation covers the exactly-black
+background with speckle noise, a shortcut feature the network learns instead
+of the trigger (measured: ASR 0.06, clean accuracy 0.88 on mnist5k), so
+1-channel images default to ``norm="l2"``, ``eps=3.0``, which concentrates the
+change on the strokes.
 """
 from __future__ import annotations
 
@@ -31,17 +37,31 @@ def corner_checkerboard(shape: tuple[int, int, int], size: int = 3) -> tuple[tor
     return pattern, mask
 
 
+def _l2_project(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    n = delta.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
+    return delta * (eps / n).clamp(max=1.0)
+
+
 def pgd_away(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
-             step_size: float | None = None, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Untargeted L-inf PGD that pushes x away from its label y (maximises CE)."""
+             step_size: float | None = None, gen: torch.Generator | None = None, norm: str = "linf") -> torch.Tensor:
+    """Untargeted PGD (L-inf or L2 ball of radius ``eps``) that pushes x away from its
+    label y (maximises cross-entropy). x: float (N, C, H, W) in [0, 1]."""
     step_size = step_size or 2.5 * eps / steps
     model.eval()
-    delta = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * eps
+    if norm == "linf":
+        delta = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * eps
+    else:
+        delta = _l2_project(torch.randn(x.shape, generator=gen, device=x.device), eps * 0.1)
     for _ in range(steps):
         delta.requires_grad_(True)
         loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
         (g,) = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() + step_size * g.sign()).clamp(-eps, eps)
+        if norm == "linf":
+            delta = (delta.detach() + step_size * g.sign()).clamp(-eps, eps)
+        else:
+            g = g / g.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
+            delta = _l2_project(delta.detach() + step_size * g, eps)
+        delta = (x + delta).clamp(0, 1) - x
     return (x + delta).clamp(0, 1).detach()
 
 
@@ -51,11 +71,16 @@ class LabelConsistent(Attack):
     clean_label = True
 
     def __init__(self, shape, num_classes, target=0, mode="all-to-one", seed=0, eps: float | None = None,
-                 pgd_steps: int = 10, patch_size: int = 3, surrogate_epochs: int = 6, surrogate_model: str = "cnn-small"):
+                 norm: str | None = None, pgd_steps: int = 10, patch_size: int = 3, surrogate_epochs: int = 6,
+                 surrogate_model: str = "cnn-small"):
         super().__init__(shape, num_classes, target, mode, seed)
-        self.eps = float(eps) if eps is not None else (0.3 if self.shape[0] == 1 else 16 / 255)
-        if not 0 <= self.eps <= 1:
-            raise UnbackdoorError(f"lc eps must be in [0, 1], got {self.eps}")
+        gray = self.shape[0] == 1
+        self.norm = norm or ("l2" if gray else "linf")
+        if self.norm not in ("linf", "l2"):
+            raise UnbackdoorError(f"lc norm must be 'linf' or 'l2', got {self.norm!r}")
+        self.eps = float(eps) if eps is not None else ((3.0 if gray else 1.0) if self.norm == "l2" else 16 / 255)
+        if self.eps < 0 or (self.norm == "linf" and self.eps > 1):
+            raise UnbackdoorError(f"lc eps must be in [0, 1] for linf (>= 0 for l2), got {self.eps}")
         self.pgd_steps, self.patch_size = int(pgd_steps), int(patch_size)
         self.surrogate_epochs, self.surrogate_model = int(surrogate_epochs), surrogate_model
         self.pattern, self.mask = corner_checkerboard(self.shape, self.patch_size)
@@ -84,10 +109,10 @@ class LabelConsistent(Attack):
         out = []
         for i in range(0, len(images), 256):
             x = to_float(images[i : i + 256])
-            adv = pgd_away(model, x, labels[i : i + 256], self.eps, self.pgd_steps, gen=gen)
+            adv = pgd_away(model, x, labels[i : i + 256], self.eps, self.pgd_steps, gen=gen, norm=self.norm)
             out.append(to_uint8(self.apply(adv)))
         return torch.cat(out)
 
     def params(self):
-        return {"eps": self.eps, "pgd_steps": self.pgd_steps, "patch_size": self.patch_size,
+        return {"eps": self.eps, "norm": self.norm, "pgd_steps": self.pgd_steps, "patch_size": self.patch_size,
                 "surrogate_epochs": self.surrogate_epochs, "surrogate_model": self.surrogate_model}
