@@ -1,0 +1,790 @@
+"""DBD: Backdoor Defense via Decoupling the Training Process (Huang et al., ICLR 2022).
+
+Three stages, each a function you can call on its own:
+
+1. :func:`simclr_stage` - self-supervised backbone: SimCLR on the training
+   images *without labels* (NT-Xent, T = 0.5, projection head
+   Linear(d, d)-BN-ReLU-Linear(d, 128), two batched SimCLR views per image).
+   Poisoned labels never reach the backbone, so the trigger is not tied to
+   the target class in feature space.
+2. :func:`linear_stage` - frozen backbone, a linear head trained on all
+   labelled samples with symmetric cross-entropy (SCE, alpha 0.1, beta 1),
+   Adam lr 2e-3. Poisoned samples sit with their *true* class in feature
+   space, so the head cannot fit their (target) labels: they keep a high loss.
+3. :func:`mixmatch_stage` - each epoch, :func:`split_by_loss` keeps the labels
+   of the lowest-loss fraction epsilon (0.5, "high-credible") and treats the
+   rest as unlabelled; the *whole* model is fine-tuned with MixMatch (K = 2,
+   T = 0.5, Beta(0.75) mixup, lambda_u = 15 with linear ramp-up, Adam 2e-3).
+
+:func:`run_dbd` chains them, evaluates after stages 2 and 3, and writes the
+outputs (model directory, checkpoints, detection, history, metrics).
+
+Two robustness additions, measured on mnist5k (docs/results_dbd.md):
+
+* **Stage-2 guard** (``LinearConfig.guard``). The head is the fragile point:
+  trained long enough it learns the trigger from the backbone's features,
+  poisoned samples then enter the high-credible half and the per-epoch
+  re-split feeds the backdoor back in (DESIGN.md: ASR 0.99 with a 10-epoch
+  head). See :class:`LinearConfig` for the rule and the evidence.
+* **Noise augmentation** on every SimCLR view (``SimCLRConfig.noise``): a
+  random global brightness offset plus Gaussian pixel noise, so that the
+  self-supervised features cannot cluster images by a global blend.
+
+Both are on by default; ``linear.guard: none`` and ``simclr.noise: false``
+give the reference implementation exactly.
+
+Reproducibility and resume: every stage draws its batches, augmentations and
+mixup weights from per-epoch streams (``Engine.generator(epoch, stream)`` and a
+host ``numpy`` generator seeded with ``(seed, stage, epoch)``) and writes a
+checkpoint after every epoch, so a run killed anywhere and resumed ends with
+the same model as an uninterrupted one (same device and precision).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.augment import SimCLRAugment, WeakAugment
+from ..data.dataset import ImageDataset
+from ..errors import UnbackdoorError, unknown_name
+from ..models.io import last_linear, penultimate_features, unwrap
+from ..training.engine import Engine, EngineOptions, checkpoint_precision
+from ..training.progress import Progress
+from .losses import NTXentLoss, linear_rampup, mixmatch_loss, mixup, mixup_lambda, sharpen, symmetric_cross_entropy
+
+# Independent random sub-streams per stage (Engine.generator(epoch, stream)).
+_STREAM = {"simclr": 1, "linear": 2, "mixmatch": 3}
+GUARDS = ("loss-gap", "none")
+PRESETS = ("paper", "quick")
+
+
+# ============================================================================ config
+@dataclass
+class SimCLRConfig:
+    """Stage 1. Defaults: the paper's CIFAR-10 settings (reference code: 100 epochs
+    in the paper's table, batch 512, SGD lr 0.4, momentum 0.9, wd 1e-4, cosine)."""
+
+    epochs: int = 100
+    batch_size: int = 512  # source images per step (the model sees 2x as many views)
+    optimizer: str = "sgd"
+    lr: float = 0.4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    temperature: float = 0.5
+    projection_dim: int = 128
+    scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area fraction
+    noise: bool = True  # not in the paper: random brightness offset + Gaussian noise per view (module docstring)
+    noise_offset: float = 0.2
+    noise_std: float = 0.05
+
+    def validate(self) -> None:
+        _positive("simclr", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                  temperature=self.temperature, projection_dim=self.projection_dim)
+        if self.batch_size < 2:
+            raise UnbackdoorError(f"simclr.batch_size must be >= 2 (NT-Xent needs negatives), got {self.batch_size}")
+
+
+@dataclass
+class LinearConfig:
+    """Stage 2: the linear head on the frozen backbone (paper: SCE alpha 0.1 / beta 1,
+    Adam lr 2e-3, batch 128, 10 epochs; weak augmentation as in the reference).
+
+    ``guard = "loss-gap"`` (default) stops the head early. After every epoch it
+    computes each sample's SCE loss (eval mode, no augmentation) and the *loss
+    gap*: the mean loss of the highest-loss fraction ``guard_tail`` (the
+    confidently "mislabelled" samples) minus the mean loss of the high-credible
+    part (lowest ``epsilon``). The gap first widens: the head learns the clean
+    classes, so clean losses fall while the poisoned samples, which sit with
+    their true class in feature space, become *more* confidently wrong. Once the
+    head starts fitting the trigger, the tail's losses fall and the gap
+    narrows. Training stops when the gap has not grown (by ``guard_min_delta``,
+    relative) for ``guard_patience`` epochs; the head (and BN statistics) of the
+    widest-gap epoch are kept. ``epochs`` is then a maximum. The gap also keeps
+    the first, under-trained epoch out: there the head still follows the label
+    prior, and the target class - inflated by the poisoned samples - has low
+    loss for all its members, poisoned ones included.
+
+    Measured on mnist5k (10% BadNets / Blended, 2 seeds each, 10-epoch heads):
+    the gap peaked at epoch 3-5, where 0-1 of 350 poisoned samples were kept
+    and the head's ASR was 0.01-0.04; the 10-epoch heads reached ASR 0.08-0.67
+    (Blended: 0.35, 0.67, with up to 9 poisoned samples kept) and epoch 1 kept up
+    to 29. ``guard = "none"``
+    trains all epochs (reference). Details: docs/results_dbd.md.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    sce_alpha: float = 0.1
+    sce_beta: float = 1.0
+    augment: bool = True  # random crop (pad = side/8) + flip where the data allows it
+    guard: str = "loss-gap"
+    guard_patience: int = 1
+    guard_min_delta: float = 0.0
+    guard_tail: float = 0.1  # the high-loss tail whose mean loss the gap starts from
+    epsilon: float = 0.5  # the high-credible fraction whose mean loss the gap ends at
+
+    def validate(self) -> None:
+        _positive("linear", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, guard_patience=self.guard_patience)
+        if self.guard not in GUARDS:
+            raise unknown_name("stage-2 guard", self.guard, GUARDS)
+        _fraction("linear.epsilon", self.epsilon)
+        _fraction("linear.guard_tail", self.guard_tail)
+
+
+@dataclass
+class MixMatchConfig:
+    """Stage 3 (paper: epsilon 0.5, 190 epochs x 1024 iterations, batch 64 labelled
+    + 64 unlabelled, K = 2, T = 0.5, Beta(0.75), lambda_u = 15 ramped linearly over
+    all epochs, Adam lr 2e-3, no lr schedule)."""
+
+    epochs: int = 190
+    iterations: int = 1024  # steps per epoch; the split is recomputed before each epoch
+    batch_size: int = 64  # labelled samples per step (and as many unlabelled)
+    lr: float = 2e-3
+    epsilon: float = 0.5  # fraction of the training set kept as labelled (lowest SCE loss)
+    temperature: float = 0.5  # sharpening
+    alpha: float = 0.75  # Beta(alpha, alpha) mixup
+    lambda_u: float = 15.0
+    rampup_epochs: float | None = None  # None = all epochs (reference)
+    sce_alpha: float = 0.1  # the split's SCE loss
+    sce_beta: float = 1.0
+    augment: bool = True
+
+    def validate(self) -> None:
+        _positive("mixmatch", epochs=self.epochs, iterations=self.iterations, batch_size=self.batch_size,
+                  lr=self.lr, temperature=self.temperature, alpha=self.alpha)
+        _fraction("mixmatch.epsilon", self.epsilon)
+        if self.lambda_u < 0:
+            raise UnbackdoorError(f"mixmatch.lambda_u must be >= 0, got {self.lambda_u}")
+
+
+@dataclass
+class DBDConfig:
+    """All of DBD. Defaults = the paper's settings plus the two robustness additions
+    (module docstring). Override from YAML with :func:`unbackdoor.config.load_config`."""
+
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    mixmatch: MixMatchConfig = field(default_factory=MixMatchConfig)
+    seed: int = 0
+    eval_batch_size: int = 512
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+    def validate(self) -> None:
+        self.simclr.validate()
+        self.linear.validate()
+        self.mixmatch.validate()
+        _positive("dbd", eval_batch_size=self.eval_batch_size)
+
+
+def dbd_preset(name: str) -> DBDConfig:
+    """``paper``: the paper's settings (+ guard and noise). ``quick``: mnist5k /
+    cnn-small on 2 CPU cores in a few minutes (SimCLR 50 epochs at batch 256,
+    MixMatch 6 x 200 iterations; docs/results_dbd.md)."""
+    if name == "paper":
+        return DBDConfig()
+    if name == "quick":
+        return DBDConfig(
+            simclr=SimCLRConfig(epochs=50, batch_size=256),
+            linear=LinearConfig(epochs=10),
+            mixmatch=MixMatchConfig(epochs=6, iterations=200),
+        )
+    raise unknown_name("preset", name, PRESETS)
+
+
+def _positive(where: str, **values: float) -> None:
+    for k, v in values.items():
+        if not v > 0:
+            raise UnbackdoorError(f"{where}.{k} must be > 0, got {v}")
+
+
+def _fraction(where: str, v: float) -> None:
+    if not 0 < v < 1:
+        raise UnbackdoorError(f"{where} must be in (0, 1), got {v}")
+
+
+def _plain(cfg: Any) -> dict:
+    def conv(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: conv(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [conv(v) for v in o]
+        return o
+
+    return conv(asdict(cfg))
+
+
+# ============================================================================ model pieces
+class ProjectionHead(nn.Module):
+    """SimCLR projection head: Linear(d, d) - BN - ReLU - Linear(d, out). (N, d) -> (N, out)."""
+
+    def __init__(self, dim: int, out_dim: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Linear(dim, out_dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+class _SimCLRNet(nn.Module):
+    """backbone (the classifier without its head) -> projection head."""
+
+    def __init__(self, model: nn.Module, projector: ProjectionHead):
+        super().__init__()
+        self.encoder = model
+        self.projector = projector
+        name = getattr(model, "arch", {}).get("name", type(model).__name__)
+        self.arch = {"name": f"simclr:{name}"}  # distinct key for the precision probe's cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(penultimate_features(self.encoder, x))
+
+
+class _LinearProbe(nn.Module):
+    """Frozen backbone (no gradients; BN statistics still update in train mode) + trainable head."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.encoder = model
+        _, self.head = last_linear(model)
+        name = getattr(model, "arch", {}).get("name", type(model).__name__)
+        self.arch = {"name": f"probe:{name}"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = penultimate_features(self.encoder, x)
+        return self.head(h)
+
+
+def feature_dim(model: nn.Module) -> int:
+    """Size of the penultimate features (the input of the last Linear layer)."""
+    return last_linear(model)[1].in_features
+
+
+@dataclass
+class StageResult:
+    model: nn.Module  # the classifier (for stage 1: its backbone is trained, its head untouched)
+    history: list[dict]
+    seconds: float  # training time over all epochs, including those of a resumed run's earlier part
+    precision: str
+    extra: dict = field(default_factory=dict)
+
+
+def _stage_engine(net: nn.Module, train: ImageDataset, engine: EngineOptions | None, seed: int, batch_size: int,
+                  checkpoint, resume: bool) -> Engine:
+    prec = checkpoint_precision(checkpoint) if (resume and checkpoint) else None
+    return Engine(net, train.shape, engine or EngineOptions(), seed=seed, batch_size=batch_size, precision=prec)
+
+
+def _resume_state(eng: Engine, checkpoint, resume: bool) -> tuple[int, list[dict], dict]:
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        st = eng.load(checkpoint)
+        return int(st["epoch"]) + 1, list(st.get("history", [])), st
+    return 0, [], {}
+
+
+def _seconds(history: list[dict]) -> float:
+    return float(sum(h.get("seconds", 0.0) for h in history))
+
+
+# ============================================================================ stage 1
+def simclr_stage(
+    model: nn.Module,
+    train: ImageDataset,
+    cfg: SimCLRConfig | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    *,
+    seed: int = 0,
+    engine: EngineOptions | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> StageResult:
+    """Stage 1: train ``model``'s backbone with SimCLR on ``train``'s images (labels unused).
+
+    Args:
+        model: a registry classifier (``features`` + ``fc``) or any ``nn.Module`` whose
+            last ``nn.Linear`` is the classifier (its input = the features).
+        train: uint8 images (N, C, H, W); ``meta['flip']`` enables horizontal flips.
+        checkpoint: written atomically after every epoch (backbone + projection head +
+            optimizer); with ``resume`` an existing one is continued.
+        on_epoch: called with each epoch's history record after its checkpoint is written.
+    Returns the model (in place, on the engine's device, eval mode); history records
+    hold the NT-Xent loss and source images per second (each with two views).
+    """
+    cfg = cfg or SimCLRConfig()
+    cfg.validate()
+    n = len(train)
+    if n < cfg.batch_size:
+        raise UnbackdoorError(f"simclr.batch_size {cfg.batch_size} exceeds the {n} training images")
+    _, head = last_linear(model)
+    with torch.random.fork_rng(devices=[]):  # projection-head init independent of the global RNG state
+        torch.manual_seed(seed)
+        projector = ProjectionHead(head.in_features, cfg.projection_dim)
+    net = _SimCLRNet(model, projector)
+    head.requires_grad_(False)  # the classifier gets no gradient here (and DDP must not wait for one)
+    try:
+        eng = _stage_engine(net, train, engine, seed, cfg.batch_size * 2, checkpoint, resume)
+        steps = n // cfg.batch_size
+        params = [p for p in eng.model.parameters() if p.requires_grad]
+        eng.set_optimizer(params, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.epochs * steps)
+        start, history, _ = _resume_state(eng, checkpoint, resume)
+        opts = engine or EngineOptions()
+        aug = SimCLRAugment(scale=tuple(cfg.scale), flip=bool(train.meta.get("flip", False)), noise=cfg.noise,
+                            noise_offset=cfg.noise_offset, noise_std=cfg.noise_std)
+        criterion = NTXentLoss(cfg.temperature)
+        images = train.images.to(eng.device)
+        for epoch in range(start, cfg.epochs):
+            eng.train_model.train()
+            gen = eng.generator(epoch, _STREAM["simclr"])
+            bar = Progress(steps, f"simclr epoch {epoch + 1}/{cfg.epochs}", enabled=opts.progress and eng.dist.is_main)
+            tot = torch.zeros((), device=eng.device)
+            for idx in eng.batches(n, cfg.batch_size, gen):
+                x = images[idx]
+                # both views in one batched call and one forward: BN sees both, as in SimCLR
+                views = aug(torch.cat([x, x]).float().div_(255), gen)
+                with eng.autocast():
+                    z = eng.train_model(eng.input(views))
+                z1, z2 = z.float().chunk(2)
+                loss = criterion(z1, z2)
+                eng.step(loss)
+                tot += loss.detach()
+                bar.update(len(idx) * eng.dist.world_size)
+            stats = eng.dist.all_reduce_sum(tot[None]) / eng.dist.world_size
+            rec = {"epoch": epoch + 1, "loss": float(stats[0]) / steps, "lr": eng.optimizer.param_groups[0]["lr"],
+                   "images_per_second": bar.images_per_second, "seconds": time.perf_counter() - bar.t0}
+            bar.close(loss=rec["loss"])
+            history.append(rec)
+            eng.save(checkpoint, epoch=epoch, history=history, config=_plain(cfg))
+            if on_epoch is not None:
+                on_epoch(rec)
+    finally:
+        head.requires_grad_(True)
+    model.eval()
+    return StageResult(model, history, _seconds(history), eng.precision.name, {"projector": projector})
+
+
+# ============================================================================ the split
+@dataclass
+class Split:
+    """Per-sample SCE losses and the high-credible mask (True = label kept)."""
+
+    losses: torch.Tensor  # float (N,), on CPU
+    kept: torch.Tensor  # bool (N,), on CPU: the lowest-loss fraction epsilon
+
+    def gap(self, tail: float = 0.1) -> float:
+        """The stage-2 guard's statistic: mean loss of the highest-loss fraction ``tail``
+        minus mean loss of the kept part. It grows while the head learns the clean
+        classes and shrinks once it starts fitting the poisoned (highest-loss) samples."""
+        k = max(1, int(round(len(self.losses) * tail)))
+        top = torch.topk(self.losses, k).values.mean()
+        return float(top - self.losses[self.kept].mean())
+
+    def quality(self, poisoned: torch.Tensor | None, tail: float = 0.1) -> dict:
+        """Size, loss gap and - given a known poison mask - detection scores of the
+        rejected (low-credible) part and the number of poisoned samples kept."""
+        from ..metrics import detection_scores
+
+        out = {"n_kept": int(self.kept.sum()), "loss_gap": self.gap(tail)}
+        if poisoned is not None:
+            det = detection_scores(~self.kept, poisoned)
+            out.update({"poisoned_kept": int((self.kept & poisoned).sum()), "precision": det["precision"],
+                        "recall": det["recall"], "f1": det["f1"]})
+        return out
+
+
+@torch.no_grad()
+def sample_losses(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta: float = 1.0,
+                  batch_size: int = 512) -> torch.Tensor:
+    """Per-sample SCE loss of ``model`` (eval mode, no augmentation) on ``data``: float (N,) on CPU."""
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(data), batch_size):
+            x = data.images[i : i + batch_size].to(dev).float().div_(255)
+            y = data.labels[i : i + batch_size].to(dev)
+            out.append(symmetric_cross_entropy(model(x), y, alpha, beta, reduction="none").cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def split_by_loss(model: nn.Module, train: ImageDataset, eps: float = 0.5, alpha: float = 0.1, beta: float = 1.0,
+                  batch_size: int = 512) -> Split:
+    """DBD's split: the fraction ``eps`` of ``train`` with the lowest SCE loss is
+    high-credible (keeps its label); the rest is treated as unlabelled.
+    Ties are broken by index (a stable sort), so the split is deterministic."""
+    _fraction("epsilon", eps)
+    losses = sample_losses(model, train, alpha, beta, batch_size)
+    k = int(len(losses) * eps)
+    order = torch.sort(losses, stable=True).indices
+    kept = torch.zeros(len(losses), dtype=torch.bool)
+    kept[order[:k]] = True
+    return Split(losses, kept)
+
+
+# ============================================================================ stage 2
+def _head_state(probe: _LinearProbe) -> dict[str, torch.Tensor]:
+    """What stage 2 changes: the head's parameters and the backbone's buffers (BN statistics)."""
+    st = {f"head.{k}": v for k, v in probe.head.state_dict().items()}
+    st.update({f"buffer.{k}": v for k, v in probe.encoder.named_buffers()})
+    return {k: v.detach().cpu().clone() for k, v in st.items()}
+
+
+def _load_head_state(probe: _LinearProbe, st: dict[str, torch.Tensor]) -> None:
+    dev = next(probe.head.parameters()).device
+    probe.head.load_state_dict({k[5:]: v.to(dev) for k, v in st.items() if k.startswith("head.")})
+    buffers = dict(probe.encoder.named_buffers())
+    with torch.no_grad():
+        for k, v in st.items():
+            if k.startswith("buffer."):
+                buffers[k[7:]].copy_(v)
+
+
+def linear_stage(
+    model: nn.Module,
+    train: ImageDataset,
+    cfg: LinearConfig | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    *,
+    seed: int = 0,
+    engine: EngineOptions | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    eval_batch_size: int = 512,
+) -> StageResult:
+    """Stage 2: train ``model``'s last Linear layer on the frozen backbone with SCE.
+
+    The backbone gets no gradients; its BatchNorm running statistics still update
+    (train mode), as in the reference. With ``cfg.guard == "loss-gap"`` the stage
+    may stop before ``cfg.epochs`` (see :class:`LinearConfig`); the history records
+    per epoch the loss, the split's loss gap and - where ``train.poisoned`` is
+    known, for reports only (never used to decide) - how many poisoned samples the
+    high-credible part holds. ``extra['guard_epoch']`` is the epoch whose head is kept.
+    """
+    cfg = cfg or LinearConfig()
+    cfg.validate()
+    n = len(train)
+    bs = min(cfg.batch_size, n)
+    probe = _LinearProbe(model)
+    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in probe.head.parameters())]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        eng = _stage_engine(probe, train, engine, seed, bs, checkpoint, resume)
+        steps = n // bs
+        eng.set_optimizer(list(probe.head.parameters()), "adam", cfg.lr, schedule="constant", total_steps=cfg.epochs * steps)
+        start, history, st = _resume_state(eng, checkpoint, resume)
+        guard = dict(st.get("guard", {"best_gap": -math.inf, "best_epoch": 0, "bad": 0, "done": False, "best_head": None}))
+        opts = engine or EngineOptions()
+        aug = WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False))) if cfg.augment else None
+        images, labels = train.images.to(eng.device), train.labels.to(eng.device)
+        for epoch in range(start, cfg.epochs):
+            if guard["done"]:
+                break
+            eng.train_model.train()
+            gen = eng.generator(epoch, _STREAM["linear"])
+            bar = Progress(steps, f"dbd head epoch {epoch + 1}/{cfg.epochs}", enabled=opts.progress and eng.dist.is_main)
+            tot = torch.zeros((), device=eng.device)
+            correct = torch.zeros((), device=eng.device)
+            for idx in eng.batches(n, bs, gen):
+                x = images[idx].float().div_(255)
+                if aug is not None:
+                    x = aug(x, gen)
+                y = labels[idx]
+                with eng.autocast():
+                    logits = eng.train_model(eng.input(x))
+                loss = symmetric_cross_entropy(logits, y, cfg.sce_alpha, cfg.sce_beta)
+                eng.step(loss)
+                tot += loss.detach()
+                correct += (logits.detach().argmax(1) == y).sum()
+                bar.update(len(idx) * eng.dist.world_size)
+            rec = {"epoch": epoch + 1, "loss": float(tot) / steps, "train_accuracy": float(correct) / (steps * bs),
+                   "images_per_second": bar.images_per_second}
+            split = split_by_loss(model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size)
+            rec.update({f"split_{k}": v for k, v in split.quality(train.poisoned, cfg.guard_tail).items()})
+            rec["seconds"] = time.perf_counter() - bar.t0
+            if cfg.guard == "loss-gap":
+                gap = rec["split_loss_gap"]
+                if gap > guard["best_gap"] * (1 + cfg.guard_min_delta) or guard["best_head"] is None:
+                    guard.update(best_gap=gap, best_epoch=epoch + 1, bad=0, best_head=_head_state(probe))
+                else:
+                    guard["bad"] += 1
+                    if guard["bad"] >= cfg.guard_patience:
+                        guard["done"] = True
+                rec["guard_best_epoch"] = guard["best_epoch"]
+            bar.close(loss=rec["loss"], train_accuracy=rec["train_accuracy"], gap=rec["split_loss_gap"],
+                      **({"poisoned_kept": rec["split_poisoned_kept"]} if "split_poisoned_kept" in rec else {}))
+            history.append(rec)
+            eng.save(checkpoint, epoch=epoch, history=history, config=_plain(cfg), guard=guard)
+            if on_epoch is not None:
+                on_epoch(rec)
+        if cfg.guard == "loss-gap" and guard["best_head"] is not None:
+            # keep the head of the widest gap: the epochs after it began to fit the trigger
+            _load_head_state(probe, guard["best_head"])
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    model.eval()
+    kept_epoch = guard["best_epoch"] if cfg.guard == "loss-gap" else len(history)
+    return StageResult(model, history, _seconds(history), eng.precision.name,
+                       {"guard_epoch": kept_epoch, "stopped_early": bool(guard.get("done"))})
+
+
+# ============================================================================ stage 3
+def _cycled_batches(pool: torch.Tensor, batch_size: int, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """(steps, batch_size) indices drawn from ``pool`` like a reshuffling, drop-last
+    loader restarted when exhausted (the reference's ``iter(loader)`` pattern)."""
+    m = len(pool)
+    per = m // batch_size  # full batches per pass
+    if per == 0:  # fewer samples than one batch: sample with replacement
+        pick = torch.randint(0, m, (steps, batch_size), generator=gen, device=gen.device)
+        return pool[pick.to(pool.device)]
+    passes = math.ceil(steps / per)
+    perms = [torch.randperm(m, generator=gen, device=gen.device)[: per * batch_size] for _ in range(passes)]
+    order = torch.cat(perms).to(pool.device)[: steps * batch_size]
+    return pool[order].view(steps, batch_size)
+
+
+def mixmatch_stage(
+    model: nn.Module,
+    train: ImageDataset,
+    cfg: MixMatchConfig | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    *,
+    seed: int = 0,
+    engine: EngineOptions | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    eval_batch_size: int = 512,
+) -> StageResult:
+    """Stage 3: semi-supervised fine-tuning of the whole ``model`` with MixMatch.
+
+    Before every epoch :func:`split_by_loss` (SCE, current model) keeps the labels of
+    the lowest-loss fraction ``cfg.epsilon``; the rest is unlabelled. Each step takes
+    ``batch_size`` labelled and ``batch_size`` unlabelled images, two weak views of
+    each unlabelled one (K = 2), guesses their labels (mean softmax, sharpened with
+    T), mixes all 3B inputs with a Beta(alpha, alpha) weight and minimises
+    ``Lx + lambda_u * ramp * Lu``. One forward pass over the 3B mixed images
+    replaces the reference's interleaving (which only serves per-call BatchNorm).
+
+    ``evaluate`` (called on the model after every epoch) adds e.g. BA / ASR to the
+    history. ``extra['split']`` is the split computed with the final model.
+    """
+    cfg = cfg or MixMatchConfig()
+    cfg.validate()
+    n = len(train)
+    eng = _stage_engine(model, train, engine, seed, 3 * cfg.batch_size, checkpoint, resume)
+    eng.set_optimizer(eng.model.parameters(), "adam", cfg.lr, schedule="constant", total_steps=cfg.epochs * cfg.iterations)
+    start, history, _ = _resume_state(eng, checkpoint, resume)
+    opts = engine or EngineOptions()
+    aug = WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False))) if cfg.augment else None
+    images, labels = train.images.to(eng.device), train.labels.to(eng.device)
+    c = train.num_classes
+    b = cfg.batch_size
+    ramp_len = cfg.epochs if cfg.rampup_epochs is None else cfg.rampup_epochs
+    for epoch in range(start, cfg.epochs):
+        t_epoch = time.perf_counter()
+        split = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size)
+        kept = split.kept.to(eng.device)
+        lab_pool, unl_pool = torch.nonzero(kept).flatten(), torch.nonzero(~kept).flatten()
+        if len(lab_pool) == 0 or len(unl_pool) == 0:
+            raise UnbackdoorError(f"mixmatch.epsilon {cfg.epsilon} leaves an empty labelled or unlabelled set of {n}")
+        gen = eng.generator(epoch, _STREAM["mixmatch"])
+        lab_idx = _cycled_batches(lab_pool, b, cfg.iterations, gen)
+        unl_idx = _cycled_batches(unl_pool, b, cfg.iterations, gen)
+        rng = np.random.default_rng([seed, _STREAM["mixmatch"], epoch])
+        lams = [mixup_lambda(cfg.alpha, rng) for _ in range(cfg.iterations)]
+        eng.train_model.train()
+        bar = Progress(cfg.iterations, f"dbd mixmatch epoch {epoch + 1}/{cfg.epochs}",
+                       enabled=opts.progress and eng.dist.is_main)
+        sums = torch.zeros(3, device=eng.device)
+        for it in range(cfg.iterations):
+            xi, ui = lab_idx[it], unl_idx[it]
+            batch = torch.cat([images[xi], images[ui], images[ui]]).float().div_(255)
+            if aug is not None:
+                batch = aug(batch, gen)  # one call: the labelled view and both unlabelled views
+            batch = eng.input(batch)
+            with torch.no_grad(), eng.autocast():
+                p = eng.train_model(batch[b:]).float().softmax(1)
+            q = sharpen((p[:b] + p[b:]) / 2, cfg.temperature)
+            targets = torch.cat([F.one_hot(labels[xi], c).float(), q, q])
+            perm = torch.randperm(3 * b, generator=gen, device=eng.device)
+            mixed_x, mixed_y = mixup(batch, targets, lams[it], perm)
+            with eng.autocast():
+                logits = eng.train_model(mixed_x)
+            lx, lu = mixmatch_loss(logits[:b], mixed_y[:b], logits[b:], mixed_y[b:])
+            w = cfg.lambda_u * linear_rampup(epoch + it / cfg.iterations, ramp_len)
+            loss = lx + w * lu
+            eng.step(loss)
+            sums += torch.stack([loss.detach(), lx.detach(), lu.detach()])
+            bar.update(3 * b * eng.dist.world_size)
+        sums = (sums / cfg.iterations).tolist()
+        rec = {"epoch": epoch + 1, "loss": sums[0], "loss_x": sums[1], "loss_u": sums[2],
+               "lambda_u": cfg.lambda_u * linear_rampup(epoch + 1, ramp_len), "images_per_second": bar.images_per_second}
+        rec.update({f"split_{k}": v for k, v in split.quality(train.poisoned).items()})
+        if evaluate is not None and eng.dist.is_main:
+            rec.update(evaluate(eng.model))
+        rec["seconds"] = time.perf_counter() - t_epoch
+        bar.close(**{k: rec[k] for k in ("loss", "clean_accuracy", "attack_success_rate", "split_poisoned_kept") if k in rec})
+        history.append(rec)
+        eng.save(checkpoint, epoch=epoch, history=history, config=_plain(cfg))
+        if on_epoch is not None:
+            on_epoch(rec)
+    eng.model.eval()
+    final = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size)
+    return StageResult(eng.model, history, _seconds(history), eng.precision.name, {"split": final})
+
+
+# ============================================================================ one call
+@dataclass
+class DBDResult:
+    model: nn.Module  # the defended classifier (eval mode)
+    split: Split  # final split: ``~split.kept`` are the samples judged poisoned
+    metrics: dict
+    history: dict  # stage -> list of per-epoch records
+
+
+def _as_data(data: Any) -> tuple[ImageDataset, ImageDataset | None, Any, dict]:
+    from ..rundir import PoisonedData
+
+    if isinstance(data, PoisonedData):
+        return data.train, data.test, data.attack, dict(data.meta)
+    if isinstance(data, ImageDataset):
+        return data, None, None, {}
+    raise UnbackdoorError(f"DBD needs a PoisonedData or an ImageDataset, got {type(data).__name__}")
+
+
+def detection_table(train: ImageDataset, split: Split) -> str:
+    """CSV text: index, label, loss, kept (1 = high-credible), and poisoned where known."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    known = train.poisoned is not None
+    w.writerow(["index", "label", "loss", "kept"] + (["poisoned"] if known else []))
+    losses, kept, lab = split.losses.tolist(), split.kept.tolist(), train.labels.tolist()
+    pois = train.poisoned.tolist() if known else None
+    for i in range(len(losses)):
+        row = [i, lab[i], f"{losses[i]:.6g}", int(kept[i])]
+        if known:
+            row.append(int(pois[i]))
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def run_dbd(
+    model: nn.Module,
+    data: Any,
+    cfg: DBDConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    *,
+    force: bool = False,
+    on_epoch: Callable[[str, dict], None] | None = None,
+    provenance: dict | None = None,
+) -> DBDResult:
+    """Run DBD's three stages on ``model`` (trained in place) with ``data``.
+
+    Args:
+        model: a fresh classifier (registry model or any ``nn.Module`` whose last
+            ``nn.Linear`` is the classifier) taking float (N, C, H, W) in [0, 1].
+        data: a :class:`~unbackdoor.rundir.PoisonedData` (its test set and attack give
+            BA / ASR / RA after stages 2 and 3) or a bare :class:`ImageDataset` (training
+            set only: detection and the model, no test metrics).
+        out_dir: if given, written: the model directory at ``out_dir`` itself
+            (``unbackdoor.load_model(out_dir)``), ``checkpoints/{simclr,linear,mixmatch}.pt``,
+            ``config.yaml``, ``metrics.json``, ``detection.csv`` / ``.json``, ``history.json``.
+            A non-empty folder needs ``resume`` (continue from the checkpoints) or ``force``.
+        on_epoch: called as ``on_epoch(stage, record)`` after every epoch's checkpoint.
+    """
+    from ..io import prepare_out_dir, write_json, write_text, write_yaml
+    from ..metrics import detection_scores, evaluate
+    from ..models.io import save_model
+    from ..training.device import pick_device, resolve_precision
+
+    cfg = cfg or DBDConfig()
+    cfg.validate()
+    train, test, attack, meta = _as_data(data)
+    arch = getattr(model, "arch", None)
+    if arch is not None and (arch["in_channels"], arch["image_size"], arch["image_size"]) != train.shape:
+        raise UnbackdoorError(f"model expects images {(arch['in_channels'], arch['image_size'], arch['image_size'])}, "
+                              f"data has {train.shape}")
+    if arch is not None and arch["num_classes"] != train.num_classes:
+        raise UnbackdoorError(f"model has {arch['num_classes']} classes, data has {train.num_classes}")
+    out = prepare_out_dir(out_dir, force=force, resume=resume) if out_dir is not None else None
+    ck = (lambda name: out / "checkpoints" / f"{name}.pt") if out is not None else (lambda name: None)
+    # Resolve 'auto' precision once (a measured probe) and use it in every stage.
+    opts = cfg.engine
+    if opts.precision == "auto":
+        existing = [p for p in (ck("simclr"), ck("linear"), ck("mixmatch")) if p is not None and resume and p.exists()]
+        prec = checkpoint_precision(existing[0]) if existing else resolve_precision(
+            "auto", model, train.shape, pick_device(opts.device), cfg.simclr.batch_size)
+        opts = replace(opts, precision=prec.name)
+    cfg = replace(cfg, engine=opts)
+    if out is not None:
+        write_yaml(out / "config.yaml", {"command": "dbd", "dbd": _plain(cfg), "data": meta.get("source", train.name),
+                                         "model": (arch or {}).get("name", type(model).__name__),
+                                         **({"provenance": provenance} if provenance else {})})
+    cb = (lambda stage: (lambda rec: on_epoch(stage, rec))) if on_epoch is not None else (lambda stage: None)
+    kw = {"seed": cfg.seed, "engine": opts}
+    t0 = time.perf_counter()
+    s1 = simclr_stage(model, train, cfg.simclr, ck("simclr"), resume, on_epoch=cb("simclr"), **kw)
+    s2 = linear_stage(model, train, cfg.linear, ck("linear"), resume, on_epoch=cb("linear"),
+                      eval_batch_size=cfg.eval_batch_size, **kw)
+    metrics: dict = {"n_train": len(train), "precision": s1.precision,
+                     "stage2": {"guard": cfg.linear.guard, "guard_epoch": s2.extra["guard_epoch"],
+                                "epochs_trained": len(s2.history)}}
+    if test is not None:
+        metrics["after_stage2"] = evaluate(model, test, attack, cfg.eval_batch_size)
+    split2 = split_by_loss(model, train, cfg.mixmatch.epsilon, cfg.mixmatch.sce_alpha, cfg.mixmatch.sce_beta,
+                           cfg.eval_batch_size)
+    ev = None
+    if test is not None:
+        ev = lambda m: {k: v for k, v in evaluate(m, test, attack, cfg.eval_batch_size).items() if not k.startswith("n_")}  # noqa: E731
+    s3 = mixmatch_stage(model, train, cfg.mixmatch, ck("mixmatch"), resume, on_epoch=cb("mixmatch"), evaluate=ev,
+                        eval_batch_size=cfg.eval_batch_size, **kw)
+    model = s3.model
+    split: Split = s3.extra["split"]
+    if test is not None:
+        metrics["after_stage3"] = evaluate(model, test, attack, cfg.eval_batch_size)
+        metrics.update({k: metrics["after_stage3"][k] for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")
+                        if k in metrics["after_stage3"]})
+    detection: dict = {"n_flagged": int((~split.kept).sum()), "epsilon": cfg.mixmatch.epsilon}
+    if train.poisoned is not None:
+        detection.update(detection_scores(~split.kept, train.poisoned))
+        detection["after_stage2"] = detection_scores(~split2.kept, train.poisoned)
+    metrics["detection"] = {k: v for k, v in detection.items() if k != "after_stage2"}
+    metrics["seconds"] = {"simclr": round(s1.seconds, 2), "linear": round(s2.seconds, 2),
+                          "mixmatch": round(s3.seconds, 2), "total": round(s1.seconds + s2.seconds + s3.seconds, 2),
+                          "this_run": round(time.perf_counter() - t0, 2)}
+    history = {"simclr": s1.history, "linear": s2.history, "mixmatch": s3.history}
+    if out is not None:
+        if arch is not None:
+            save_model(model, out, classes=train.classes, provenance={"command": "dbd", **(provenance or {}),
+                       "attack": attack.spec() if attack is not None else None})
+        else:
+            from safetensors.torch import save_file
+
+            from ..io import atomic_path
+
+            with atomic_path(out / "model.safetensors") as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}, str(tmp))
+        write_text(out / "detection.csv", detection_table(train, split))
+        write_json(out / "detection.json", detection)
+        write_json(out / "history.json", history)
+        write_json(out / "metrics.json", metrics)
+    return DBDResult(model, split, metrics, history)

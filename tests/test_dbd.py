@@ -1,0 +1,297 @@
+"""DBD: losses against hand-computed values, each stage on a tiny real config
+(mnist5k subset, cnn-small, a few steps), detection of a poisoned set, the CLI,
+and a kill-and-resume run that ends exactly where an uninterrupted one ends."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unbackdoor.attacks.base import make_attack
+from unbackdoor.config import override
+from unbackdoor.data.loaders import load_mnist5k
+from unbackdoor.defenses.dbd import (
+    DBDConfig,
+    LinearConfig,
+    MixMatchConfig,
+    SimCLRConfig,
+    dbd_preset,
+    linear_stage,
+    mixmatch_stage,
+    run_dbd,
+    simclr_stage,
+    split_by_loss,
+)
+from unbackdoor.defenses.losses import (
+    NTXentLoss,
+    SCELoss,
+    linear_rampup,
+    mixmatch_loss,
+    mixup,
+    mixup_lambda,
+    sharpen,
+    symmetric_cross_entropy,
+)
+from unbackdoor.errors import UnbackdoorError
+from unbackdoor.models import create, load_model
+from unbackdoor.training.engine import EngineOptions
+
+FP32 = EngineOptions(device="cpu", precision="fp32", progress=False)
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist5k()
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    """600 real digits (60 per class)."""
+    idx = torch.cat([torch.nonzero(mnist.labels == c).flatten()[:60] for c in range(10)])
+    ds = mnist.subset(idx)
+    ds.meta["flip"] = False
+    return ds
+
+
+@pytest.fixture(scope="module")
+def poisoned(small):
+    """The 600 digits, 10% relabelled to class 0 with BadNets' 3x3 white patch."""
+    atk = make_attack("badnets", small.shape, 10, target=0)
+    ds, mask = atk.poison(small, 0.1, seed=0)
+    ds.meta["flip"] = False
+    return ds, atk
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return create("cnn-small", num_classes=10, in_channels=1, image_size=28, width=8)
+
+
+def tiny_config(**over) -> DBDConfig:
+    cfg = DBDConfig(
+        simclr=SimCLRConfig(epochs=2, batch_size=128, lr=0.2),
+        # a higher head lr than the paper's 2e-3: 600 images give only 9 steps per epoch
+        linear=LinearConfig(epochs=8, batch_size=64, lr=3e-2),
+        mixmatch=MixMatchConfig(epochs=2, iterations=6, batch_size=32),
+        engine=FP32,
+    )
+    return override(cfg, over)
+
+
+# ---------------------------------------------------------------------------- losses
+def test_ntxent_matches_hand_computed_value():
+    # Two images, views identical and orthogonal across images: each anchor sees its
+    # positive at cosine 1 and two negatives at cosine 0; with T = 0.5 the loss is
+    # -log(e^2 / (e^2 + 2)) for each of the 4 anchors.
+    z = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
+    loss = NTXentLoss(0.5)(z, z.clone())
+    assert loss.item() == pytest.approx(math.log(1 + 2 * math.exp(-2)), rel=1e-6)
+
+
+def test_ntxent_matches_a_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    t = 0.5
+    e = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    n2, total = len(e), 0.0
+    for i in range(n2):
+        pos = (i + 5) % n2
+        den = sum(math.exp(float(e[i] @ e[k]) / t) for k in range(n2) if k != i)
+        total += -math.log(math.exp(float(e[i] @ e[pos]) / t) / den)
+    assert NTXentLoss(t)(z1, z2).item() == pytest.approx(total / n2, rel=1e-5)
+
+
+def test_sce_matches_hand_computed_value():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    target = torch.tensor([0, 1])
+    p0, p1 = math.exp(2) / (math.exp(2) + 2), 1 / 3
+    log_zero = -math.log(1e-4)  # reverse CE: log of the clamped one-hot's zeros
+    want = [0.1 * -math.log(p0) + 1.0 * log_zero * (1 - p0), 0.1 * -math.log(p1) + 1.0 * log_zero * (1 - p1)]
+    got = symmetric_cross_entropy(logits, target, 0.1, 1.0, reduction="none")
+    assert got.tolist() == pytest.approx(want, rel=1e-5)
+    assert SCELoss(0.1, 1.0)(logits, target).item() == pytest.approx(sum(want) / 2, rel=1e-5)
+    # a confident correct prediction costs ~0, a confident wrong one ~ alpha * CE + beta * 9.21
+    sure = torch.tensor([[30.0, 0.0, 0.0]])
+    assert symmetric_cross_entropy(sure, torch.tensor([0])).item() < 1e-5  # 2 clamped 1e-7 probs x 9.21
+    assert symmetric_cross_entropy(sure, torch.tensor([1])).item() == pytest.approx(0.1 * 30 + log_zero, rel=1e-4)
+
+
+def test_sharpen_and_mixup_match_hand_computed_values():
+    assert sharpen(torch.tensor([[0.6, 0.4]]), 0.5)[0].tolist() == pytest.approx([0.36 / 0.52, 0.16 / 0.52])
+    assert sharpen(torch.tensor([[0.6, 0.4]]), 1.0)[0].tolist() == pytest.approx([0.6, 0.4])
+    x = torch.tensor([[0.0], [10.0]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    mx, my = mixup(x, y, 0.75, torch.tensor([1, 0]))
+    assert mx.flatten().tolist() == pytest.approx([2.5, 7.5])
+    assert my.tolist() == [pytest.approx([0.75, 0.25]), pytest.approx([0.25, 0.75])]
+    lams = [mixup_lambda(0.75, np.random.default_rng(3)) for _ in range(2)]
+    assert lams[0] == lams[1] and 0.5 <= lams[0] <= 1.0
+
+
+def test_mixmatch_loss_and_rampup():
+    zeros = torch.zeros(1, 2)
+    lx, lu = mixmatch_loss(zeros, torch.tensor([[1.0, 0.0]]), zeros, torch.tensor([[1.0, 0.0]]))
+    assert lx.item() == pytest.approx(math.log(2))
+    assert lu.item() == pytest.approx(0.25)  # ((0.5 - 1)^2 + (0.5 - 0)^2) / 2
+    assert [linear_rampup(p, 4) for p in (0, 1, 4, 9)] == [0.0, 0.25, 1.0, 1.0]
+    assert linear_rampup(3, 0) == 1.0
+
+
+# ---------------------------------------------------------------------------- stages
+def _params(model, prefix):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+def test_simclr_stage_trains_the_backbone_only(small):
+    model = tiny_model()
+    fc_before, bb_before = _params(model, "fc."), _params(model, "backbone.")
+    res = simclr_stage(model, small, SimCLRConfig(epochs=3, batch_size=128, lr=0.2), seed=0, engine=FP32)
+    losses = [h["loss"] for h in res.history]
+    assert len(losses) == 3 and losses[-1] < losses[0]  # NT-Xent falls
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fc_before.items())  # classifier untouched
+    assert not torch.equal(bb_before["backbone.0.weight"], model.state_dict()["backbone.0.weight"])
+    assert all(p.requires_grad for p in model.parameters())
+    assert res.history[0]["images_per_second"] > 0
+
+
+def test_linear_stage_freezes_the_backbone_and_fits_the_head(small):
+    model = tiny_model()
+    simclr_stage(model, small, SimCLRConfig(epochs=2, batch_size=128, lr=0.2), seed=0, engine=FP32)
+    conv_before = _params(model, "backbone.0.weight")
+    bn_stats_before = _params(model, "backbone.1.running_mean")
+    res = linear_stage(model, small, LinearConfig(epochs=3, guard="none", lr=1e-2), seed=0, engine=FP32)
+    sd = model.state_dict()
+    assert torch.equal(conv_before["backbone.0.weight"], sd["backbone.0.weight"])  # no gradient reached it
+    assert not torch.equal(bn_stats_before["backbone.1.running_mean"], sd["backbone.1.running_mean"])  # BN stats move
+    assert res.history[-1]["train_accuracy"] > 0.5  # the head separates real digits on SimCLR features
+    assert len(res.history) == 3 and res.extra["guard_epoch"] == 3
+
+
+def test_linear_stage_guard_keeps_the_widest_gap(small):
+    model = tiny_model()
+    res = linear_stage(model, small, LinearConfig(epochs=6, lr=5e-2), seed=0, engine=FP32)
+    gaps = [h["split_loss_gap"] for h in res.history]
+    best = res.extra["guard_epoch"]
+    assert gaps[best - 1] == max(gaps)
+    if res.extra["stopped_early"]:
+        assert len(gaps) == best + 1  # patience 1: stopped one epoch past the best
+    # the kept head is the best epoch's: its split has that epoch's gap
+    assert split_by_loss(model, small, 0.5).gap() == pytest.approx(gaps[best - 1], rel=1e-4)
+
+
+def test_split_by_loss_keeps_the_lowest_fraction(poisoned):
+    ds, _ = poisoned
+    model = tiny_model()
+    linear_stage(model, ds, LinearConfig(epochs=2, guard="none"), seed=0, engine=FP32)
+    s = split_by_loss(model, ds, 0.3)
+    assert int(s.kept.sum()) == int(len(ds) * 0.3)
+    assert s.losses[s.kept].max() <= s.losses[~s.kept].min()
+    assert torch.equal(s.kept, split_by_loss(model, ds, 0.3).kept)  # deterministic
+    with pytest.raises(UnbackdoorError, match="epsilon"):
+        split_by_loss(model, ds, 1.5)
+
+
+def test_mixmatch_stage_fine_tunes_the_whole_model(small):
+    model = tiny_model()
+    linear_stage(model, small, LinearConfig(epochs=2, guard="none"), seed=0, engine=FP32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = MixMatchConfig(epochs=2, iterations=8, batch_size=32)
+    res = mixmatch_stage(model, small, cfg, seed=0, engine=FP32)
+    after = model.state_dict()
+    assert not torch.equal(before["backbone.0.weight"], after["backbone.0.weight"])
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+    h = res.history
+    assert [r["split_n_kept"] for r in h] == [300, 300]
+    assert h[0]["lambda_u"] == pytest.approx(15 * 0.5) and h[1]["lambda_u"] == pytest.approx(15.0)  # linear ramp-up
+    assert int(res.extra["split"].kept.sum()) == 300
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_run_dbd_detects_poisoned_samples_and_writes_outputs(poisoned, tmp_path):
+    ds, atk = poisoned
+    from unbackdoor.rundir import PoisonedData
+
+    pd = PoisonedData(train=ds, test=ds, heldout=None, attack=atk, meta={})
+    res = run_dbd(tiny_model(), pd, tiny_config(), out_dir=tmp_path / "out")
+    det = res.metrics["detection"]
+    assert det["recall"] >= 0.9  # the relabelled digits keep a high loss: flagged
+    assert set(res.metrics["after_stage3"]) >= {"clean_accuracy", "attack_success_rate", "robust_accuracy"}
+    out = tmp_path / "out"
+    for name in ("model.safetensors", "model.json", "config.yaml", "metrics.json", "detection.csv", "detection.json",
+                 "history.json", "checkpoints/simclr.pt", "checkpoints/linear.pt", "checkpoints/mixmatch.pt"):
+        assert (out / name).exists(), name
+    loaded = load_model(out)
+    x = ds.images[:16].float() / 255
+    assert torch.allclose(loaded(x), res.model.cpu().eval()(x), atol=1e-5)
+    rows = (out / "detection.csv").read_text().splitlines()
+    assert rows[0] == "index,label,loss,kept,poisoned" and len(rows) == len(ds) + 1
+    hist = json.loads((out / "history.json").read_text())
+    assert set(hist) == {"simclr", "linear", "mixmatch"} and "split_recall" in hist["mixmatch"][0]
+    with pytest.raises(UnbackdoorError, match="not empty"):
+        run_dbd(tiny_model(), pd, tiny_config(), out_dir=out)
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(small, tmp_path):
+    cfg = tiny_config()
+    ref = run_dbd(tiny_model(), small, cfg, out_dir=tmp_path / "ref")
+
+    def killer(stage, epoch):
+        def cb(s, rec):
+            if s == stage and rec["epoch"] == epoch:
+                raise _Kill
+        return cb
+
+    out = tmp_path / "run"
+    with pytest.raises(_Kill):  # killed after stage 1's first epoch
+        run_dbd(tiny_model(), small, cfg, out_dir=out, on_epoch=killer("simclr", 1))
+    with pytest.raises(_Kill):  # resumed, then killed after stage 2's second epoch
+        run_dbd(tiny_model(), small, cfg, out_dir=out, resume=True, on_epoch=killer("linear", 2))
+    with pytest.raises(_Kill):  # resumed, then killed after stage 3's first epoch
+        run_dbd(tiny_model(), small, cfg, out_dir=out, resume=True, on_epoch=killer("mixmatch", 1))
+    res = run_dbd(tiny_model(), small, cfg, out_dir=out, resume=True)
+    a, b = ref.model.state_dict(), res.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(ref.split.kept, res.split.kept)
+    assert [h["loss"] for h in ref.history["mixmatch"]] == [h["loss"] for h in res.history["mixmatch"]]
+
+
+def test_cli_runs_dbd_on_an_npz_and_refuses_a_used_out_dir(poisoned, tmp_path, capsys):
+    from unbackdoor.cli import main
+    from unbackdoor.io import write_yaml
+
+    ds, _ = poisoned
+    ds.save_npz(tmp_path / "train.npz")
+    write_yaml(tmp_path / "tiny.yaml", {"dbd": {"simclr": {"epochs": 1, "batch_size": 128},
+                                                 "linear": {"epochs": 1},
+                                                 "mixmatch": {"epochs": 1, "iterations": 3, "batch_size": 32}}})
+    args = ["dbd", "--data", str(tmp_path / "train.npz"), "--out", str(tmp_path / "out"), "--preset", "quick",
+            "--config", str(tmp_path / "tiny.yaml"), "--precision", "fp32", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "recall" in printed and "clean_accuracy" in printed
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["detection"]["poisoned"] == int(ds.poisoned.sum())
+    assert main(args) == 2  # non-empty OUT without --force / --resume
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_presets_and_config_errors():
+    q = dbd_preset("quick")
+    assert (q.simclr.epochs, q.simclr.batch_size, q.mixmatch.epochs, q.mixmatch.iterations) == (50, 256, 6, 200)
+    p = dbd_preset("paper")
+    assert (p.simclr.temperature, p.linear.sce_alpha, p.linear.sce_beta, p.linear.lr) == (0.5, 0.1, 1.0, 2e-3)
+    assert (p.mixmatch.epsilon, p.mixmatch.temperature, p.mixmatch.alpha, p.mixmatch.lambda_u) == (0.5, 0.5, 0.75, 15.0)
+    with pytest.raises(UnbackdoorError, match="unknown preset"):
+        dbd_preset("fast")
+    with pytest.raises(UnbackdoorError, match="guard"):
+        override(dbd_preset("quick"), {"linear": {"guard": "magic"}}).validate()
+    with pytest.raises(UnbackdoorError, match="mixmatch.epsilon"):
+        override(dbd_preset("quick"), {"mixmatch": {"epsilon": 1.0}}).validate()
