@@ -69,9 +69,12 @@ def test_layout_progress_and_evaluation(experiment):
 def test_rerun_skips_every_finished_stage(experiment):
     out, res, _, configs = experiment
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
-    res2, log = run(out, ExperimentSpec(dataset="digits"), configs, report=False)
-    assert log.count("done already") == 4, log
+    report_stamp = (out / "report.html").stat().st_mtime_ns
+    res2, log = run(out, ExperimentSpec(dataset="digits"), configs)
+    assert log.count("done already") == 5, log  # poison, undefended, DBD, BCU, evaluate
+    assert "[6/6] report — up to date" in log
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == stamps
+    assert (out / "report.html").stat().st_mtime_ns == report_stamp
     assert res2["rows"] == res["rows"]
 
 
@@ -139,9 +142,10 @@ def test_cli_demo_and_sweep(tmp_path, capsys):
     md = (sweep / "leaderboard.md").read_text()
     assert "| blended | BCU |" in md and (sweep / "report.html").is_file()
     capsys.readouterr()
-    # A second sweep finds every cell finished (poison, undefended, BCU for both attacks).
+    # A second sweep finds every cell finished (poison, undefended, BCU, evaluate for both attacks).
     common_loud = [a for a in common if a != "--no-progress"]
     assert main(["sweep", "--attacks", "badnets,blended", "--out", str(sweep), *common_loud]) == 0
-    assert capsys.readouterr().err.count("done already") == 6
+    err = capsys.readouterr().err
+    assert err.count("done already") == 8 and "report and leaderboard up to date" in err
     assert main(["demo", "--out", str(tmp_path / "demo"), "--attack", "blended", *common]) == 2
     assert "other settings" in capsys.readouterr().err

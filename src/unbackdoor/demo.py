@@ -139,6 +139,21 @@ def _finished(folder: Path) -> bool:
     return (folder / "metrics.json").is_file()
 
 
+def _read(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except UnbackdoorError:
+        return None
+
+
+def _newer_than(target: Path, sources: list[Path]) -> bool:
+    """``target`` exists and no existing source was written after it."""
+    if not target.is_file():
+        return False
+    t = target.stat().st_mtime_ns
+    return all(not p.is_file() or p.stat().st_mtime_ns <= t for p in sources)
+
+
 def _train_config(spec: ExperimentSpec, engine):
     from .training.fit import TrainConfig
 
@@ -231,7 +246,9 @@ def run_experiment(out: str | os.PathLike, spec: ExperimentSpec | None = None, *
             (out / name).unlink(missing_ok=True)
     _check_spec(out, spec, force)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "experiment.json", {"spec": spec.key(), "defenses": list(spec.defenses)})
+    record = {"spec": spec.key(), "defenses": list(spec.defenses)}
+    if not (out / "experiment.json").is_file() or _read(out / "experiment.json") != record:
+        write_json(out / "experiment.json", record)  # rewritten only on change: it dates the report (below)
     n_stages = 2 + len(spec.defenses) + 1 + (1 if report else 0)  # poison, undefended, defenses, evaluate, report
     disp = display or StageDisplay(n_stages)
     if display is not None:
@@ -282,24 +299,32 @@ def run_experiment(out: str | os.PathLike, spec: ExperimentSpec | None = None, *
         elif name == "bcu":
             seconds["bcu"] = _run_bcu(spec, pd, und_dir, d_dir, engine, disp, (configs or {}).get("bcu"))
 
-    # 4. evaluate every saved model again, from disk
-    disp.start("evaluate", "re-load every saved model and measure it on the clean and triggered test set")
-    evaluation = evaluate_saved(out, pd)
-    write_json(out / "evaluation.json", evaluation)
-    bad = [k for k, v in evaluation.items() if v.get("mismatch")]
-    seconds["evaluate"] = disp.done("all saved models reproduce their metrics.json" if not bad
-                                    else f"differs from metrics.json: {', '.join(bad)}")
+    # 4. evaluate every saved model again, from disk (skipped when no run changed since)
+    inputs = [out / "experiment.json", *(out / n / "metrics.json" for n in ("data", "undefended", *DEFENSES))]
+    if _newer_than(out / "evaluation.json", inputs):
+        disp.skip("evaluate", f"done already ({out / 'evaluation.json'})")
+    else:
+        disp.start("evaluate", "re-load every saved model and measure it on the clean and triggered test set")
+        evaluation = evaluate_saved(out, pd)
+        write_json(out / "evaluation.json", evaluation)
+        bad = [k for k, v in evaluation.items() if v.get("mismatch")]
+        seconds["evaluate"] = disp.done("all saved models reproduce their metrics.json" if not bad
+                                        else f"differs from metrics.json: {', '.join(bad)}")
 
-    # 5. report
+    # 5. report (skipped when up to date; `unbackdoor report OUT` rebuilds it any time)
     summary = None
     if report:
         from .report import ReportOptions, build_report
 
-        disp.start("report", f"{out / 'report.html'}")
-        summary = build_report(out, out / "report.html", ReportOptions(embed_points=embed_points, seed=spec.seed,
-                                                                      title=f"unbackdoor demo: {spec.attack} on {spec.dataset}",
-                                                                      log=disp.say))
-        seconds["report"] = disp.done(f"{len(summary.get('figures', []))} figures")
+        if _newer_than(out / "summary.json", [*inputs, out / "evaluation.json"]) and (out / "report.html").is_file():
+            disp.skip("report", f"up to date ({out / 'report.html'})")
+            summary = _read(out / "summary.json")
+        else:
+            disp.start("report", f"{out / 'report.html'}")
+            title = f"unbackdoor demo: {spec.attack} on {spec.dataset}"
+            summary = build_report(out, out / "report.html",
+                                   ReportOptions(embed_points=embed_points, seed=spec.seed, title=title, log=disp.say))
+            seconds["report"] = disp.done(f"{len(summary.get('figures', []))} figures")
     rows = experiment_rows(out)
     return {"rows": rows, "skipped": skipped, "seconds": seconds, "summary": summary, "out": str(out)}
 
@@ -442,11 +467,18 @@ def sweep(out: str | os.PathLike, attacks: list[str], defenses: tuple[str, ...] 
         r = run_experiment(out / s.attack, s, engine=engine, force=force, display=disp, report=False, configs=configs)
         skipped.update({f"{s.attack}/{k}": v for k, v in r["skipped"].items()})
     say = StageDisplay(0, enabled=progress).say
-    say(f"[sweep] report over {len(specs)} attacks")
-    summary = build_report(out, out / "report.html", ReportOptions(embed_points=embed_points, seed=seed,
-                                                                  title=f"unbackdoor sweep on {dataset}", log=say))
-    rows = [r for r in summary["rows"] if r.get("role") in ("undefended", *defenses)]
-    write_leaderboard(out, rows)
+    inputs = [p for s in specs for p in (out / s.attack / "experiment.json", out / s.attack / "evaluation.json",
+                                         *(out / s.attack).glob("*/metrics.json"))]
+    if (_newer_than(out / "summary.json", inputs) and (out / "leaderboard.csv").is_file()
+            and isinstance(_read(out / "summary.json"), dict)):
+        say(f"[sweep] report and leaderboard up to date ({out / 'report.html'})")
+        summary = _read(out / "summary.json")
+    else:
+        say(f"[sweep] report over {len(specs)} attacks")
+        summary = build_report(out, out / "report.html", ReportOptions(embed_points=embed_points, seed=seed,
+                                                                      title=f"unbackdoor sweep on {dataset}", log=say))
+        write_leaderboard(out, summary["rows"])
+    rows = summary["rows"]
     return {"rows": rows, "skipped": skipped, "summary": summary, "total_seconds": time.perf_counter() - t0,
             "out": str(out)}
 

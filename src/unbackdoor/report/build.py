@@ -270,7 +270,7 @@ class _Builder:
             self.models[run.path] = _load(run, self.opts.device) if run.has_model else None
         return self.models[run.path]
 
-    def fig(self, name: str, png: bytes, caption: str, alt: str = "") -> Figure:
+    def fig(self, name: str, png: bytes, alt: str = "", caption: str = "") -> Figure:
         base, i = _slug(name), 1
         name = base
         while name in self.figure_names:
@@ -284,10 +284,10 @@ class _Builder:
         blocks: list = []
         cards = []
         for r in rows:
-            sub = f"clean accuracy {pct(r['clean_accuracy'])}"
+            sub = f"attack success rate · clean accuracy {pct(r['clean_accuracy'])}"
             if r["der"] is not None:
                 sub += f" · DER {r['der']:.3f}"
-            cards.append((r["label"], pct(r["attack_success_rate"]), "ASR · " + sub, asr_tone(r["attack_success_rate"])))
+            cards.append((r["label"], pct(r["attack_success_rate"]), sub, asr_tone(r["attack_success_rate"])))
         blocks.append(Cards(cards))
         blocks.append(_table_for(rows, self.root, caption=(
             "ASR: triggered test images (true label ≠ target) classified as the target. Robust accuracy: the same images "
@@ -320,9 +320,9 @@ class _Builder:
         captions = [f"true {cls[int(t)]} → target {cls[int(a)]}" if atk.mode == "all-to-all" else f"true {cls[int(t)]}"
                     for t, a in zip(true, tgt)]
         png = figures.examples(clean_u8.float().div(255).numpy(), trig_u8.float().div(255).numpy(), captions)
-        blocks: list = [self.fig(f"{g.key}-examples", png,
-                                 f"{atk.name}: clean test images, the same images with the trigger, and the trigger itself "
-                                 "(triggered − clean; red brighter, blue darker).")]
+        caption = (f"{atk.name}: clean test images, the same images with the trigger, and the trigger itself "
+                   "(triggered − clean; red brighter, blue darker).")
+        blocks: list = [self.fig(f"{g.key}-examples", png, alt=f"{atk.name} example images", caption=caption)]
         rows = []
         for run in g.runs:
             m = self.model(run)
@@ -336,7 +336,7 @@ class _Builder:
                 row.append(Cell(f"{cls[int(pc[j])]} / {cls[int(pt[j])]}", [int(pc[j]), int(pt[j])], tone))
             rows.append(row)
         if rows:
-            cols = ["Model"] + [f"#{j + 1} ({cls[int(true[j])]})" for j in range(len(picks))]
+            cols = ["Model"] + [f"true {cls[int(true[j])]}" for j in range(len(picks))]
             blocks.append(Table(cols, rows, "Prediction on the clean / triggered image, per example. Red: the trigger "
                                 "made the model answer the attacker's target.", name="examples"))
         return blocks
@@ -391,10 +391,11 @@ class _Builder:
                 "DBD's final split as a detector: a sample it treats as unlabeled (removed) is flagged. "
                 "AUROC / AP rank samples by their stage-3 loss.", name="detection"))
             png = figures.detection(loss, kept, pois)
+            caption = ("Left: the stage-3 loss of every training sample; poisoned samples should sit on the right "
+                       "(high loss), beyond the split. Middle: what the final split kept as labelled. Right: "
+                       "precision–recall of the loss as a poison score.")
             blocks.append(self.fig(f"{g.key}-{run.path.name}-detection", png,
-                                   "Left: the stage-3 loss of every training sample; poisoned samples should sit on the right "
-                                   "(high loss), beyond the split. Middle: what the final split kept as labelled. Right: "
-                                   "precision–recall of the loss as a poison score."))
+                                   alt=f"{label}: detection of poisoned samples", caption=caption))
         return blocks
 
     def features(self, g: Group) -> list:
@@ -423,10 +424,10 @@ class _Builder:
             return []
         atk = g.attack_obj()
         png = figures.embedding_panels(panels, train.classes, atk.target if atk is not None and atk.mode == "all-to-one" else None)
-        return [self.fig(f"{g.key}-features", png,
-                         f"{method} of the penultimate features of {len(idx)} training images ({int(pois.sum())} poisoned, "
-                         "black ×), coloured by true class. In the backdoored model the poisoned images form one cluster "
-                         "of their own; in a model whose backbone never learnt the trigger they lie with their true class.")]
+        caption = (f"{method} of the penultimate features of {len(idx)} training images ({int(pois.sum())} poisoned, "
+                   "black ×), coloured by true class. In the backdoored model the poisoned images form one cluster "
+                   "of their own; in a model whose backbone never learnt the trigger they lie with their true class.")
+        return [self.fig(f"{g.key}-features", png, alt=f"{method} of penultimate features", caption=caption)]
 
     def curves(self, g: Group) -> list:
         blocks: list = []
@@ -435,7 +436,8 @@ class _Builder:
             stages = {_stage_title(k): v for k, v in stages.items() if v}
             if stages:
                 png = figures.history(stages, title=run.label)
-                blocks.append(self.fig(f"{g.key}-{run.path.name}-history", png, f"{run.label}: training curves per stage "
+                blocks.append(self.fig(f"{g.key}-{run.path.name}-history", png, alt=f"{run.label}: training curves",
+                                       caption=f"{run.label}: training curves per stage "
                                        f"({_rel(run.path / 'history.json', self.root)})."))
             st = stage_metrics(run.metrics)
             if len(st) >= 2:
@@ -505,9 +507,10 @@ def collect(root: str | os.PathLike, opts: ReportOptions | None = None) -> tuple
     if len(groups) > 1:
         overview.blocks.append(leaderboard_table(flat, root))
     if points:
-        overview.blocks.append(b.fig("accuracy-vs-asr", figures.accuracy_vs_asr(points),
-                                     "Clean accuracy against attack success rate, one point per model. The shaded band is "
-                                     "ASR ≤ 10%: a defended model should sit there, at the right."))
+        caption = ("Clean accuracy against attack success rate, one point per model. The shaded band is "
+                   "ASR ≤ 10%: a defended model should sit there, at the right.")
+        overview.blocks.append(b.fig("accuracy-vs-asr", figures.accuracy_vs_asr(points), alt="clean accuracy vs ASR",
+                                     caption=caption))
     if overview.blocks:
         sections.insert(0, overview)
     now = _dt.datetime.now().astimezone()
