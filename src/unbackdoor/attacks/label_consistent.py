@@ -72,7 +72,7 @@ class LabelConsistent(Attack):
 
     def __init__(self, shape, num_classes, target=0, mode="all-to-one", seed=0, eps: float | None = None,
                  norm: str | None = None, pgd_steps: int = 10, patch_size: int = 3, surrogate_epochs: int = 6,
-                 surrogate_model: str = "cnn-small"):
+                 surrogate_model: str = "cnn-small", train_amplitude: float = 1.0):
         super().__init__(shape, num_classes, target, mode, seed)
         gray = self.shape[0] == 1
         self.norm = norm or ("l2" if gray else "linf")
@@ -82,6 +82,10 @@ class LabelConsistent(Attack):
         if self.eps < 0 or (self.norm == "linf" and self.eps > 1):
             raise UnbackdoorError(f"lc eps must be in [0, 1] for linf (>= 0 for l2), got {self.eps}")
         self.pgd_steps, self.patch_size = int(pgd_steps), int(patch_size)
+        if not 0 < train_amplitude <= 1:
+            raise UnbackdoorError(f"lc train_amplitude must be in (0, 1], got {train_amplitude}")
+        # The paper's reduced-amplitude variant: a fainter trigger in training, full strength at test.
+        self.train_amplitude = float(train_amplitude)
         self.surrogate_epochs, self.surrogate_model = int(surrogate_epochs), surrogate_model
         self.pattern, self.mask = corner_checkerboard(self.shape, self.patch_size)
         self.surrogate: torch.nn.Module | None = None
@@ -110,9 +114,11 @@ class LabelConsistent(Attack):
         for i in range(0, len(images), 256):
             x = to_float(images[i : i + 256])
             adv = pgd_away(model, x, labels[i : i + 256], self.eps, self.pgd_steps, gen=gen, norm=self.norm)
-            out.append(to_uint8(self.apply(adv)))
+            trig = self.apply(adv)
+            out.append(to_uint8(adv + self.train_amplitude * (trig - adv)))
         return torch.cat(out)
 
     def params(self):
         return {"eps": self.eps, "norm": self.norm, "pgd_steps": self.pgd_steps, "patch_size": self.patch_size,
-                "surrogate_epochs": self.surrogate_epochs, "surrogate_model": self.surrogate_model}
+                "surrogate_epochs": self.surrogate_epochs, "surrogate_model": self.surrogate_model,
+                "train_amplitude": self.train_amplitude}
