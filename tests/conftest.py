@@ -111,10 +111,8 @@ def small_poisoned_dir(mnist_small: Splits, tmp_path_factory: pytest.TempPathFac
 
 def run_cli(*args: str, timeout: float = 600, cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m unbackdoor ARGS`` in a fresh process (text output captured)."""
-    env = dict(os.environ)
-    env.setdefault("PYTHONWARNINGS", "ignore")
     return subprocess.run([sys.executable, "-m", "unbackdoor", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd)
+                          timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = args._run(args)
         return int(rc or 0)
     except UnbackdoorError as e:
-        print(f"unbackdoor {args.command}: error: {e}", file=sys.stderr)
+        # One line, always: messages may embed a library's multi-line text.
+        print(f"unbackdoor {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"unbackdoor {args.command}: interrupted (re-run with --resume to continue)", file=sys.stderr)

@@ -64,7 +64,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UnbackdoorError(f"invalid YAML in {path}: {e}") from None
+        # PyYAML's messages span several lines (with a source excerpt); keep one line.
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise UnbackdoorError(f"invalid YAML in {path}{where}: {problem}") from None
     if not isinstance(data, dict):
         raise UnbackdoorError(f"config file {path} must hold a mapping, got {type(data).__name__}")
     return data

@@ -324,9 +324,16 @@ def dataset_names() -> list[str]:
     return sorted(_SPLIT_LOADERS)
 
 
+def _unknown_dataset(name: str) -> UnbackdoorError:
+    # A name that looks like a path is a missing file, not a misspelt dataset name.
+    if name.endswith(".npz") or os.sep in name or (os.altsep and os.altsep in name):
+        return UnbackdoorError(f"dataset path not found: {name}")
+    return unknown_name("dataset", name, dataset_names())
+
+
 def dataset_info(name: str) -> DatasetInfo:
     if name not in _SPLIT_LOADERS:
-        raise unknown_name("dataset", name, dataset_names())
+        raise _unknown_dataset(str(name))
     return _SPLIT_LOADERS[name][1]
 
 
@@ -345,7 +352,7 @@ def load_splits(name: str, root: str | os.PathLike | None = None, seed: int = 0,
             name, root = "imagefolder", p
     fn, info = _SPLIT_LOADERS.get(name, (None, None))
     if fn is None:
-        raise unknown_name("dataset", name, dataset_names())
+        raise _unknown_dataset(str(name))
     if info.needs_root:
         if root is None:
             raise UnbackdoorError(f"dataset {name!r} is read from local files: pass --root PATH")

@@ -86,7 +86,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     meta = read_model_meta(p)
     arch = dict(meta["architecture"])
     name = arch.pop("name")
-    model = create(name, **arch)
+    try:
+        model = create(name, **arch)
+    except TypeError as e:  # e.g. a keyword the architecture does not take
+        raise UnbackdoorError(f"{p / 'model.json'}: cannot build architecture {name!r} from {arch}: {e}") from None
     wfile = p / "model.safetensors"
     if not wfile.is_file():
         raise UnbackdoorError(f"model weights not found: {wfile}")
