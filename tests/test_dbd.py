@@ -229,6 +229,9 @@ def test_run_dbd_detects_poisoned_samples_and_writes_outputs(poisoned, tmp_path)
     assert torch.allclose(loaded(x), res.model.cpu().eval()(x), atol=1e-5)
     rows = (out / "detection.csv").read_text().splitlines()
     assert rows[0] == "index,label,loss,kept,poisoned" and len(rows) == len(ds) + 1
+    flagged = [int(r.split(",")[0]) for r in rows[1:] if r.split(",")[3] == "0"]
+    assert json.loads((out / "detection.json").read_text())["flagged_indices"] == flagged
+    assert det["auroc"] > 0.75  # well above chance (0.5) even at this tiny budget
     hist = json.loads((out / "history.json").read_text())
     assert set(hist) == {"simclr", "linear", "mixmatch"} and "split_recall" in hist["mixmatch"][0]
     with pytest.raises(UnbackdoorError, match="not empty"):
@@ -261,6 +264,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(small, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(ref.split.kept, res.split.kept)
     assert [h["loss"] for h in ref.history["mixmatch"]] == [h["loss"] for h in res.history["mixmatch"]]
+    with pytest.raises(UnbackdoorError, match="different settings.*alpha"):  # never mix two runs' settings
+        run_dbd(tiny_model(), small, override(cfg, {"mixmatch": {"alpha": 0.5}}), out_dir=out, resume=True)
 
 
 def test_cli_runs_dbd_on_an_npz_and_refuses_a_used_out_dir(poisoned, tmp_path, capsys):

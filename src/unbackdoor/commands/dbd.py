@@ -57,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
         print()
     det = m["detection"]
     print_table([{**det, "seconds": m["seconds"]["total"]}],
-                [k for k in ("n_flagged", "precision", "recall", "f1", "seconds") if k in det or k == "seconds"])
+                [k for k in ("n_flagged", "precision", "recall", "f1", "auroc", "seconds") if k in det or k == "seconds"])
     print(f"wrote {args.out}")
     return 0

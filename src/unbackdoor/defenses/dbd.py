@@ -289,9 +289,17 @@ def _stage_engine(net: nn.Module, train: ImageDataset, engine: EngineOptions | N
     return Engine(net, train.shape, engine or EngineOptions(), seed=seed, batch_size=batch_size, precision=prec)
 
 
-def _resume_state(eng: Engine, checkpoint, resume: bool) -> tuple[int, list[dict], dict]:
+def _resume_state(eng: Engine, checkpoint, resume: bool, cfg: Any) -> tuple[int, list[dict], dict]:
+    """Load a stage checkpoint. Its settings must match ``cfg`` except ``epochs`` (a stage
+    may be extended); anything else would silently mix two different runs."""
     if resume and checkpoint is not None and Path(checkpoint).exists():
         st = eng.load(checkpoint)
+        old, new = st.get("config") or {}, _plain(cfg)
+        diff = sorted(k for k in set(old) | set(new) if k != "epochs" and old.get(k) != new.get(k))
+        if old and diff:
+            raise UnbackdoorError(f"cannot resume from {checkpoint}: it was written with different settings "
+                                  f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)}); "
+                                  "use the same config or start afresh with --force")
         return int(st["epoch"]) + 1, list(st.get("history", [])), st
     return 0, [], {}
 
@@ -340,7 +348,7 @@ def simclr_stage(
         steps = n // cfg.batch_size
         params = [p for p in eng.model.parameters() if p.requires_grad]
         eng.set_optimizer(params, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.epochs * steps)
-        start, history, _ = _resume_state(eng, checkpoint, resume)
+        start, history, _ = _resume_state(eng, checkpoint, resume, cfg)
         opts = engine or EngineOptions()
         aug = SimCLRAugment(scale=tuple(cfg.scale), flip=bool(train.meta.get("flip", False)), noise=cfg.noise,
                             noise_offset=cfg.noise_offset, noise_std=cfg.noise_std)
@@ -488,7 +496,7 @@ def linear_stage(
         eng = _stage_engine(probe, train, engine, seed, bs, checkpoint, resume)
         steps = n // bs
         eng.set_optimizer(list(probe.head.parameters()), "adam", cfg.lr, schedule="constant", total_steps=cfg.epochs * steps)
-        start, history, st = _resume_state(eng, checkpoint, resume)
+        start, history, st = _resume_state(eng, checkpoint, resume, cfg)
         guard = dict(st.get("guard", {"best_gap": -math.inf, "best_epoch": 0, "bad": 0, "done": False, "best_head": None}))
         opts = engine or EngineOptions()
         aug = WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False))) if cfg.augment else None
@@ -591,7 +599,7 @@ def mixmatch_stage(
     n = len(train)
     eng = _stage_engine(model, train, engine, seed, 3 * cfg.batch_size, checkpoint, resume)
     eng.set_optimizer(eng.model.parameters(), "adam", cfg.lr, schedule="constant", total_steps=cfg.epochs * cfg.iterations)
-    start, history, _ = _resume_state(eng, checkpoint, resume)
+    start, history, _ = _resume_state(eng, checkpoint, resume, cfg)
     opts = engine or EngineOptions()
     aug = WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False))) if cfg.augment else None
     images, labels = train.images.to(eng.device), train.labels.to(eng.device)
@@ -670,6 +678,16 @@ def _as_data(data: Any) -> tuple[ImageDataset, ImageDataset | None, Any, dict]:
     raise UnbackdoorError(f"DBD needs a PoisonedData or an ImageDataset, got {type(data).__name__}")
 
 
+def loss_auroc(losses: torch.Tensor, poisoned: torch.Tensor) -> float | None:
+    """Area under the ROC curve of the per-sample loss as a poison score (threshold-free;
+    1.0 = every poisoned sample has a higher loss than every clean one). None if one class is empty."""
+    if poisoned.all() or not poisoned.any():
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(poisoned.numpy(), losses.numpy()))
+
+
 def detection_table(train: ImageDataset, split: Split) -> str:
     """CSV text: index, label, loss, kept (1 = high-credible), and poisoned where known."""
     buf = io.StringIO()
@@ -707,7 +725,9 @@ def run_dbd(
             set only: detection and the model, no test metrics).
         out_dir: if given, written: the model directory at ``out_dir`` itself
             (``unbackdoor.load_model(out_dir)``), ``checkpoints/{simclr,linear,mixmatch}.pt``,
-            ``config.yaml``, ``metrics.json``, ``detection.csv`` / ``.json``, ``history.json``.
+            ``config.yaml``, ``metrics.json``, ``detection.csv`` (per sample: index, label, final
+            SCE loss, kept, poisoned), ``detection.json`` (scores vs the poison mask where known,
+            incl. the loss's AUROC and the split after stage 2; ``flagged_indices``), ``history.json``.
             A non-empty folder needs ``resume`` (continue from the checkpoints) or ``force``.
         on_epoch: called as ``on_epoch(stage, record)`` after every epoch's checkpoint.
     """
@@ -766,8 +786,11 @@ def run_dbd(
     detection: dict = {"n_flagged": int((~split.kept).sum()), "epsilon": cfg.mixmatch.epsilon}
     if train.poisoned is not None:
         detection.update(detection_scores(~split.kept, train.poisoned))
-        detection["after_stage2"] = detection_scores(~split2.kept, train.poisoned)
-    metrics["detection"] = {k: v for k, v in detection.items() if k != "after_stage2"}
+        detection["auroc"] = loss_auroc(split.losses, train.poisoned)
+        detection["after_stage2"] = {**detection_scores(~split2.kept, train.poisoned),
+                                     "auroc": loss_auroc(split2.losses, train.poisoned)}
+    metrics["detection"] = dict(detection)
+    detection["flagged_indices"] = torch.nonzero(~split.kept).flatten().tolist()
     metrics["seconds"] = {"simclr": round(s1.seconds, 2), "linear": round(s2.seconds, 2),
                           "mixmatch": round(s3.seconds, 2), "total": round(s1.seconds + s2.seconds + s3.seconds, 2),
                           "this_run": round(time.perf_counter() - t0, 2)}
