@@ -52,11 +52,18 @@ class PreActBlock(nn.Module):
 
 
 class ResNetBackbone(nn.Module):
-    def __init__(self, block, num_blocks=(2, 2, 2, 2), in_channels: int = 3, width: int = 64, preact: bool = False):
+    def __init__(self, block, num_blocks=(2, 2, 2, 2), in_channels: int = 3, width: int = 64, preact: bool = False,
+                 stem: str = "cifar", final_bn: bool = True):
         super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"unknown ResNet stem {stem!r}; valid: cifar, imagenet")
         self.preact = preact
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        # stem="imagenet" (7x7/2 conv + 3x3/2 max-pool) is torchvision's layout, which
+        # BackdoorBench's "resnet18" uses; "cifar" (3x3/1, no pool) is the usual CIFAR one.
+        big = stem == "imagenet"
+        self.conv1 = nn.Conv2d(in_channels, width, 7 if big else 3, 2 if big else 1, 3 if big else 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width) if not preact else None
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if big else None
         cin = width
         layers = []
         for i, nb in enumerate(num_blocks):
@@ -67,13 +74,16 @@ class ResNetBackbone(nn.Module):
                 cin = cout
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.bn_final = nn.BatchNorm2d(cin) if preact else None
+        # BackdoorBench's PreAct-ResNet-18 has no final BN + ReLU before pooling (final_bn=False).
+        self.bn_final = nn.BatchNorm2d(cin) if preact and final_bn else None
         self.out_dim = cin
 
     def forward(self, x):
         out = self.conv1(x)
         if self.bn1 is not None:
             out = F.relu(self.bn1(out))
+        if self.maxpool is not None:
+            out = self.maxpool(out)
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         if self.bn_final is not None:
             out = F.relu(self.bn_final(out))
@@ -81,14 +91,16 @@ class ResNetBackbone(nn.Module):
 
 
 @register("resnet18")
-def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, mean=None, std=None, width: int = 64) -> Classifier:
-    bb = ResNetBackbone(BasicBlock, (2, 2, 2, 2), in_channels, width)
+def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, mean=None, std=None, width: int = 64,
+             stem: str = "cifar") -> Classifier:
+    bb = ResNetBackbone(BasicBlock, (2, 2, 2, 2), in_channels, width, stem=stem)
     m, s = default_stats(in_channels)
     return Classifier(bb, bb.out_dim, num_classes, mean or m, std or s)
 
 
 @register("preact-resnet18")
-def preact_resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, mean=None, std=None, width: int = 64) -> Classifier:
-    bb = ResNetBackbone(PreActBlock, (2, 2, 2, 2), in_channels, width, preact=True)
+def preact_resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, mean=None, std=None, width: int = 64,
+                    final_bn: bool = True) -> Classifier:
+    bb = ResNetBackbone(PreActBlock, (2, 2, 2, 2), in_channels, width, preact=True, final_bn=final_bn)
     m, s = default_stats(in_channels)
     return Classifier(bb, bb.out_dim, num_classes, mean or m, std or s)

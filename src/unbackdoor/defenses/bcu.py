@@ -1,0 +1,619 @@
+"""BCU: Backdoor Cleansing with Unlabeled Data (Pang et al., CVPR 2023).
+
+Two stages, each a function of its own:
+
+1. :func:`reinitialize` - the student is a copy of the suspicious teacher in
+   which each weight element of each conv / linear layer is replaced, with a
+   layer-dependent probability p, by a fresh Kaiming-normal (fan_out) value.
+   BatchNorm parameters and statistics are copied unchanged. p grows with
+   depth because backdoors live mostly in the deep layers while the shallow
+   ones carry generic features worth keeping (:func:`layer_schedule`).
+2. :func:`distill` - the student learns to match the frozen teacher's
+   softened outputs on *unlabeled* images: loss = KL(softmax(t/T) ||
+   softmax(s/T)), batch mean, no T^2 factor, T ramped linearly 1 -> 4.
+   The trigger never appears in clean unlabeled data, so the re-initialised
+   weights relearn the clean function and not the backdoor.
+
+:func:`run_bcu` chains them with before/after metrics and output files;
+:func:`cleanse` is the same call from paths (what ``unbackdoor bcu`` runs).
+
+Layer schedule (any ``nn.Module``)
+----------------------------------
+Conv/Linear layers are taken in registration order (= depth order for
+sequentially defined models); the last Linear is the classifier.
+
+* ``stages`` rule - the feature layers group into a stem plus four block
+  stages (children of one container, each stage >= 2 layers: ResNets,
+  PreAct-ResNets, torchvision ResNets): each layer gets its stage's paper
+  probability (stem 0.01, stage1 0.01, stage2 0.03, stage3 0.09, stage4
+  0.27, classifier 0.10). For our ``resnet18``/``preact-resnet18`` this
+  reproduces the paper exactly.
+* ``depth`` rule - anything else (shallow CNNs, VGG-like stacks). The paper's
+  schedule is read as a *re-initialisation dose* along ResNet-18's 17-layer
+  main path (stem 1 layer, four stages of 4 layers): per layer, -log(1-p).
+  A network with L feature layers splits the same total dose by relative
+  depth: layer i, covering depth [i/L, (i+1)/L], gets p = 1 - exp(-dose in
+  that interval). A shallow net thus gets what a whole ResNet stage gets
+  per layer: cnn-small's conv1/conv2/conv3 get 0.068/0.275/0.757 instead
+  of single-layer values 0.01/0.14/0.27 that leave the backdoor in place
+  (DESIGN.md: the prototype needed about x3 of those).
+
+``p_scale`` multiplies every rule-derived probability (clamped to 1);
+``p_overrides`` (module-name glob -> p, last match wins) sets layers
+explicitly and is not scaled.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.augment import WeakAugment
+from ..data.dataset import ImageDataset
+from ..errors import UnbackdoorError, unknown_name
+from ..training.engine import Engine, EngineOptions, checkpoint_precision
+from ..training.progress import Progress
+
+# Paper (ResNet-18): stem conv, stage1..stage4, classifier.
+PAPER_STAGE_P: tuple[float, ...] = (0.01, 0.01, 0.03, 0.09, 0.27, 0.10)
+STAGE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "classifier")
+# ResNet-18's main path: 1 stem conv, then 4 convs per stage (what the depth rule spreads).
+_RESNET18_PATH = (1, 4, 4, 4, 4)
+RULES = ("auto", "stages", "depth")
+ABLATIONS = ("none", "no-reinit", "pseudo-label")
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+# ============================================================================ config
+@dataclass
+class BCUConfig:
+    """BCU settings. Defaults are the paper's (CIFAR-10, ResNet-18)."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    t_start: float = 1.0  # distillation temperature, ramped linearly per epoch ...
+    t_end: float = 4.0  # ... reaching t_end at the last epoch (reference: T_e = 1 + 3 (e+1) / E)
+    augment: bool = True  # random crop (pad = side/8) + horizontal flip where the data allows it
+    rule: str = "auto"  # layer schedule: auto | stages | depth (module docstring)
+    stage_p: tuple[float, ...] = PAPER_STAGE_P  # stem, stage1..4, classifier
+    p_scale: float = 1.0  # multiplies every rule-derived p (clamped to 1)
+    p_overrides: dict[str, float] = field(default_factory=dict)  # module-name glob -> p (last match wins)
+    linear_init: str = "kaiming_fan_out"  # fresh Linear values: kaiming_fan_out | default (U(+-1/sqrt(fan_in)))
+    ablation: str = "none"  # none | no-reinit (distil an exact copy) | pseudo-label (fine-tune on teacher labels)
+    eval_every: int = 5  # epochs between BA/ASR evaluations in the history (when test data is given)
+    seed: int = 0
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise UnbackdoorError(f"bcu.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UnbackdoorError(f"bcu.batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise UnbackdoorError(f"bcu.lr must be > 0, got {self.lr}")
+        if self.t_start <= 0 or self.t_end <= 0:
+            raise UnbackdoorError(f"bcu temperatures must be > 0, got {self.t_start} -> {self.t_end}")
+        if self.rule not in RULES:
+            raise unknown_name("layer-schedule rule", self.rule, RULES)
+        if self.ablation not in ABLATIONS:
+            raise unknown_name("ablation", self.ablation, ABLATIONS)
+        if len(self.stage_p) != len(STAGE_NAMES) or not all(0.0 <= p <= 1.0 for p in self.stage_p):
+            raise UnbackdoorError(f"bcu.stage_p must be {len(STAGE_NAMES)} probabilities in [0, 1] "
+                                  f"({', '.join(STAGE_NAMES)}), got {list(self.stage_p)}")
+        if self.p_scale < 0:
+            raise UnbackdoorError(f"bcu.p_scale must be >= 0, got {self.p_scale}")
+        for pat, p in self.p_overrides.items():
+            if not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+                raise UnbackdoorError(f"bcu.p_overrides[{pat!r}] must be a probability in [0, 1], got {p!r}")
+        if self.linear_init not in ("kaiming_fan_out", "default"):
+            raise unknown_name("linear_init", self.linear_init, ("kaiming_fan_out", "default"))
+        if self.eval_every < 1:
+            raise UnbackdoorError(f"bcu.eval_every must be >= 1, got {self.eval_every}")
+
+
+PRESETS = ("paper", "quick")
+
+
+def bcu_preset(name: str) -> BCUConfig:
+    """``paper``: the paper's settings. ``quick``: mnist5k / cnn-small on 2 CPU cores
+    (chosen by measurement, docs/results_bcu.md)."""
+    if name == "paper":
+        return BCUConfig()
+    if name == "quick":
+        # Measured on mnist5k / cnn-small (docs/results_bcu.md): the depth rule at x1 left
+        # Blended's ASR at 0.3; x2 (conv3 fully re-initialised) removes it; batch 32 gives the
+        # 500 images 1,600 steps, enough to win the clean accuracy back (batch 256: BA -3%).
+        return BCUConfig(epochs=100, batch_size=32, p_scale=2.0)
+    raise unknown_name("preset", name, PRESETS)
+
+
+# ============================================================================ layer schedule
+@dataclass(frozen=True)
+class LayerP:
+    """Re-initialisation probability of one layer and where it came from."""
+
+    name: str  # module name in model.named_modules()
+    kind: str  # Conv2d, Linear, ...
+    group: str  # stem | stage1..4 | classifier | depth i/L
+    p: float
+    source: str  # stages | depth | override | ablation
+
+
+def parameterised_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Conv/Linear layers with weights, in registration (= depth) order."""
+    from ..models.io import unwrap
+
+    return [(n, m) for n, m in unwrap(model).named_modules()
+            if isinstance(m, _LAYER_TYPES) and getattr(m, "weight", None) is not None]
+
+
+def _stage_groups(names: list[str]) -> list[list[int]] | None:
+    """Indices of [stem, stage1..stage4] if the layer names show that structure, else None."""
+    if len(names) < 9:
+        return None
+    parts = [n.split(".") for n in names]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    groups: list[tuple[str, list[int]]] = []
+    for i, p in enumerate(parts):
+        key = p[common]
+        if groups and groups[-1][0] == key:
+            groups[-1][1].append(i)
+        elif any(g[0] == key for g in groups):
+            return None  # a container revisited out of order: not a clean stage structure
+        else:
+            groups.append((key, [i]))
+    if len(groups) != 5 or any(len(g[1]) < 2 for g in groups[1:]):
+        return None
+    return [g[1] for g in groups]
+
+
+def depth_probabilities(n_layers: int, stage_p: tuple[float, ...] = PAPER_STAGE_P) -> list[float]:
+    """The depth rule: split the paper's total re-initialisation dose (along ResNet-18's
+    17-layer main path) over ``n_layers`` equally deep layers. Returns one p per layer."""
+    if n_layers < 1:
+        return []
+    total = sum(_RESNET18_PATH)
+    # dose density (per unit of relative depth) of each segment of the reference path
+    segs, start = [], 0.0
+    for n, p in zip(_RESNET18_PATH, stage_p[:5]):
+        length = n / total
+        segs.append((start, start + length, -math.log(max(1e-12, 1.0 - min(p, 1 - 1e-12))) / (1 / total)))
+        start += length
+    out = []
+    for i in range(n_layers):
+        a, b = i / n_layers, (i + 1) / n_layers
+        dose = sum(max(0.0, min(b, e) - max(a, s)) * d for s, e, d in segs)
+        out.append(1.0 - math.exp(-dose))
+    return out
+
+
+def layer_schedule(model: nn.Module, cfg: BCUConfig | None = None) -> list[LayerP]:
+    """Per-layer re-initialisation probabilities for any ``nn.Module`` (module docstring)."""
+    cfg = cfg or BCUConfig()
+    layers = parameterised_layers(model)
+    if not layers:
+        raise UnbackdoorError("the model has no Conv/Linear layers to re-initialise")
+    names = [n for n, _ in layers]
+    kinds = [type(m).__name__ for _, m in layers]
+    has_head = isinstance(layers[-1][1], nn.Linear) and len(layers) > 1
+    feats = names[:-1] if has_head else names
+    clamp = lambda p: float(min(1.0, max(0.0, p * cfg.p_scale)))  # noqa: E731
+    groups = _stage_groups(feats) if cfg.rule in ("auto", "stages") else None
+    if cfg.rule == "stages" and groups is None:
+        raise UnbackdoorError("rule 'stages' needs a stem plus four block stages (ResNet-like); "
+                              "this model has none: use rule 'depth' or explicit p_overrides")
+    sched: list[LayerP] = []
+    if groups is not None:
+        for g, idx in enumerate(groups):
+            for i in idx:
+                sched.append(LayerP(names[i], kinds[i], STAGE_NAMES[g], clamp(cfg.stage_p[g]), "stages"))
+    else:
+        for i, p in enumerate(depth_probabilities(len(feats), cfg.stage_p)):
+            sched.append(LayerP(names[i], kinds[i], f"depth {i + 1}/{len(feats)}", clamp(p), "depth"))
+    if has_head:
+        sched.append(LayerP(names[-1], kinds[-1], "classifier", clamp(cfg.stage_p[5]), sched[0].source if sched else "depth"))
+    for pat in cfg.p_overrides:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise UnbackdoorError(f"p_overrides pattern {pat!r} matches no Conv/Linear layer; layers are: "
+                                  f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+    out = []
+    for lp in sched:
+        p, src = lp.p, lp.source
+        for pat, v in cfg.p_overrides.items():
+            if fnmatch.fnmatchcase(lp.name, pat):
+                p, src = float(v), "override"
+        out.append(LayerP(lp.name, lp.kind, lp.group, p, src))
+    return out
+
+
+def _as_mapping(schedule: Mapping[str, float] | list[LayerP]) -> dict[str, float]:
+    if isinstance(schedule, Mapping):
+        return {str(k): float(v) for k, v in schedule.items()}
+    return {lp.name: lp.p for lp in schedule}
+
+
+# ============================================================================ stage 1
+@torch.no_grad()
+def reinitialize(model: nn.Module, schedule: Mapping[str, float] | list[LayerP], seed: int = 0,
+                 linear_init: str = "kaiming_fan_out") -> nn.Module:
+    """A copy of ``model`` with weights partially re-initialised.
+
+    For each layer ``name -> p`` in ``schedule`` (module names of Conv/Linear
+    layers), every weight element is independently replaced with probability
+    p by a fresh Kaiming-normal (fan_out, ReLU gain) value; bias elements
+    likewise by PyTorch's default bias init (uniform +-1/sqrt(fan_in)), as the
+    reference code does. BatchNorm parameters and running statistics, and every
+    layer not in ``schedule``, are copied unchanged. ``model`` is not modified;
+    the student's parameters all require gradients (even if the teacher's were frozen).
+    Deterministic for a given ``seed`` (CPU generator, any device).
+    """
+    from ..models.io import unwrap
+
+    probs = _as_mapping(schedule)
+    student = copy.deepcopy(unwrap(model)).requires_grad_(True)
+    modules = dict(student.named_modules())
+    gen = torch.Generator().manual_seed(int(seed))
+    for name, p in probs.items():
+        if name not in modules:
+            raise UnbackdoorError(f"schedule names layer {name!r}, which the model does not have")
+        if not 0.0 <= p <= 1.0:
+            raise UnbackdoorError(f"re-initialisation probability of {name!r} must be in [0, 1], got {p}")
+        m = modules[name]
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.ndim < 2:
+            raise UnbackdoorError(f"layer {name!r} ({type(m).__name__}) has no conv/linear weight to re-initialise")
+        # draw on the CPU with our generator whatever the device: same student everywhere
+        fresh = torch.empty(w.shape, dtype=torch.float32)
+        if isinstance(m, nn.Linear) and linear_init == "default":
+            bound_w = 1.0 / math.sqrt(w.shape[1]) if w.shape[1] else 0.0
+            fresh.uniform_(-bound_w, bound_w, generator=gen)
+        else:
+            nn.init.kaiming_normal_(fresh, mode="fan_out", nonlinearity="relu", generator=gen)
+        mask = torch.rand(w.shape, generator=gen) < p
+        w.copy_(torch.where(mask, fresh, w.detach().float().cpu()).to(w))
+        b = getattr(m, "bias", None)
+        if isinstance(b, torch.Tensor):
+            fan_in = w[0].numel()
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            fresh_b = torch.empty(b.shape).uniform_(-bound, bound, generator=gen)
+            mask_b = torch.rand(b.shape, generator=gen) < p
+            b.copy_(torch.where(mask_b, fresh_b, b.detach().float().cpu()).to(b))
+    return student
+
+
+# ============================================================================ stage 2
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher/T) || softmax(student/T)), summed over classes, mean over the batch.
+
+    Both inputs: float logits (N, C). No T^2 factor (as the reference code)."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(s, t, reduction="batchmean", log_target=True)
+
+
+def temperature_at(epoch: int, cfg: BCUConfig) -> float:
+    """Temperature of (0-based) ``epoch``: linear from t_start to t_end, reaching t_end at the last epoch."""
+    return cfg.t_start + (cfg.t_end - cfg.t_start) * (epoch + 1) / cfg.epochs
+
+
+@dataclass
+class DistillResult:
+    model: nn.Module  # the student, eval mode, on the engine's device
+    history: list[dict]
+    seconds: float
+    precision: str
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    unlabeled: ImageDataset,
+    cfg: BCUConfig | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    desc: str = "bcu",
+) -> DistillResult:
+    """Train ``student`` to match the frozen ``teacher`` on ``unlabeled`` images (labels unused).
+
+    Args:
+        teacher: the suspicious model (not modified: a frozen eval-mode copy is used).
+        student: e.g. :func:`reinitialize` (teacher); trained in place.
+        unlabeled: uint8 images (N, C, H, W); ``meta['flip']`` allows horizontal flips.
+        cfg: ``cfg.ablation == 'pseudo-label'`` swaps the KL loss for cross-entropy on the
+            teacher's argmax labels (the ablation); otherwise KL distillation.
+        checkpoint: written atomically after every epoch; ``resume`` continues after it.
+        evaluate: called on the student every ``cfg.eval_every`` epochs and at the end;
+            its dict joins that epoch's history record.
+    """
+    cfg = cfg or BCUConfig()
+    cfg.validate()
+    if len(unlabeled) == 0:
+        raise UnbackdoorError("the unlabeled set is empty")
+    prec = checkpoint_precision(checkpoint) if (resume and checkpoint) else None
+    eng = Engine(student, unlabeled.shape, cfg.engine, seed=cfg.seed, batch_size=cfg.batch_size, precision=prec)
+    teacher = copy.deepcopy(teacher).to(eng.device).eval().requires_grad_(False)
+    if eng.precision.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    n = len(unlabeled)
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    eng.set_optimizer(eng.model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
+                      cfg.schedule, cfg.epochs * steps_per_epoch)
+    history: list[dict] = []
+    start = 0
+    if resume and checkpoint and Path(checkpoint).exists():
+        st = eng.load(checkpoint)
+        start, history = int(st["epoch"]) + 1, list(st.get("history", []))
+    images = unlabeled.images.to(eng.device)
+    side = unlabeled.shape[1]
+    aug = WeakAugment(padding=max(1, side // 8), flip=bool(unlabeled.meta.get("flip", False))) if cfg.augment else None
+    pseudo = cfg.ablation == "pseudo-label"
+    t0 = time.perf_counter()
+    for epoch in range(start, cfg.epochs):
+        eng.train_model.train()
+        gen = eng.generator(epoch)
+        T = temperature_at(epoch, cfg)
+        show = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+        bar = Progress(steps_per_epoch, f"{desc} epoch {epoch + 1}/{cfg.epochs}",
+                       enabled=cfg.engine.progress and eng.dist.is_main, log_every_epoch=show)
+        tot = torch.zeros((), device=eng.device)
+        seen = 0
+        # drop_last=False: with a few hundred unlabeled images every one counts (reference DataLoader)
+        for idx in eng.batches(n, cfg.batch_size, gen, drop_last=False):
+            x = images[idx].float().div_(255)
+            if aug is not None:
+                x = aug(x, gen)
+            x = eng.input(x)
+            with eng.autocast():
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                s_logits = eng.train_model(x)
+            loss = F.cross_entropy(s_logits.float(), t_logits.argmax(1)) if pseudo else kd_loss(s_logits, t_logits, T)
+            eng.step(loss)
+            tot += loss.detach() * len(idx)
+            seen += len(idx)
+            bar.update(len(idx) * eng.dist.world_size)
+        stats = eng.dist.all_reduce_sum(torch.stack([tot, torch.tensor(float(seen), device=eng.device)]))
+        rec = {"epoch": epoch + 1, "loss": float(stats[0] / stats[1]), "temperature": T,
+               "lr": eng.optimizer.param_groups[0]["lr"], "images_per_second": bar.images_per_second}
+        if evaluate is not None and show and eng.dist.is_main:
+            rec.update(evaluate(eng.model))
+        bar.close(**{k: v for k, v in rec.items() if k in ("loss", "temperature", "clean_accuracy", "attack_success_rate")})
+        history.append(rec)
+        eng.save(checkpoint, epoch=epoch, history=history, config=_plain_config(cfg))
+    eng.model.eval()
+    return DistillResult(eng.model, history, time.perf_counter() - t0, eng.precision.name)
+
+
+def _plain_config(cfg: BCUConfig) -> dict:
+    d = asdict(cfg)
+    d["stage_p"] = list(d["stage_p"])
+    return d
+
+
+# ============================================================================ unlabeled data
+def match_input(ds: ImageDataset, shape: tuple[int, int, int], fit: str = "resize") -> ImageDataset:
+    """Convert uint8 images to the model's input (C, H, W): RGB <-> gray, then resize.
+
+    ``fit='resize'`` stretches to H x W; ``fit='pad'`` resizes to 5/7 of the side and
+    zero-pads to H x W (MNIST's framing: a 20 px digit in a 28 px frame).
+    """
+    c, h, w = shape
+    x = ds.images
+    if x.shape[1] != c:
+        if x.shape[1] == 3 and c == 1:
+            x = (0.299 * x[:, 0:1].float() + 0.587 * x[:, 1:2].float() + 0.114 * x[:, 2:3].float()).round().clamp(0, 255).to(torch.uint8)
+        elif x.shape[1] == 1 and c == 3:
+            x = x.expand(-1, 3, -1, -1).contiguous()
+        else:
+            raise UnbackdoorError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
+    if fit not in ("resize", "pad"):
+        raise UnbackdoorError(f"unknown fit {fit!r}; valid: resize, pad")
+    th, tw = (h, w) if fit == "resize" else (max(1, round(h * 5 / 7)), max(1, round(w * 5 / 7)))
+    if tuple(x.shape[-2:]) != (th, tw):
+        x = F.interpolate(x.float(), size=(th, tw), mode="bilinear", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    if fit == "pad" and (th, tw) != (h, w):
+        py, px = h - th, w - tw
+        x = F.pad(x, (px // 2, px - px // 2, py // 2, py - py // 2))
+    out = ImageDataset(x, torch.zeros(len(x), dtype=torch.long), ["unlabeled"], name=ds.name, meta=dict(ds.meta))
+    return out
+
+
+def load_unlabeled(source: str | os.PathLike, shape: tuple[int, int, int], fit: str = "resize",
+                   seed: int = 0, flip: bool | None = None) -> ImageDataset:
+    """Unlabeled images for BCU, converted to the model's input ``shape`` (C, H, W).
+
+    ``source``: a poisoned-data directory (its clean ``heldout`` split), an ``.npz``,
+    a folder of images (flat or with class sub-folders), or a dataset name
+    (its training split; e.g. ``digits`` as out-of-distribution data). Labels are
+    dropped. ``flip`` overrides whether horizontal flips are a valid augmentation
+    (default: the dataset's own setting, False for files and folders).
+    """
+    from ..data.loaders import dataset_names, load_splits
+
+    p = Path(source)
+    if p.is_dir() and (p / "train.npz").exists():
+        from ..rundir import load_data
+
+        pd = load_data(p)
+        if pd.heldout is None:
+            raise UnbackdoorError(f"{p} has no heldout.npz: pass an .npz or folder of unlabeled images instead")
+        ds = pd.heldout
+    elif p.is_file():
+        if p.suffix != ".npz":
+            raise UnbackdoorError(f"unlabeled source {p} must be an .npz, a folder of images, a poisoned-data "
+                                  "directory or a dataset name")
+        ds = ImageDataset.load_npz(p)
+        ds.meta.setdefault("flip", False)
+    elif p.is_dir():
+        ds = _load_image_dir(p, shape)
+    elif str(source) in dataset_names():
+        try:
+            ds = load_splits(str(source), seed=seed).train
+        except UnbackdoorError as e:
+            raise UnbackdoorError(f"unlabeled dataset {source!r}: {e}") from None
+    else:
+        raise UnbackdoorError(f"unlabeled source {source!r} not found: give a poisoned-data directory, an .npz, "
+                              f"an image folder, or a dataset name ({', '.join(dataset_names())})")
+    out = match_input(ds, shape, fit)
+    out.meta["source"] = str(source)
+    if flip is not None:
+        out.meta["flip"] = bool(flip)
+    return out
+
+
+def _load_image_dir(root: Path, shape: tuple[int, int, int]) -> ImageDataset:
+    import numpy as np
+
+    from ..data.loaders import IMAGE_EXTS, _open_image
+
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise UnbackdoorError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {root}")
+    arr = np.stack([_open_image(f, shape[1], shape[0]) for f in files])
+    ds = ImageDataset.from_arrays(arr, np.zeros(len(arr), dtype=np.int64), ["unlabeled"], name=root.name, source=str(root))
+    ds.meta["flip"] = False
+    return ds
+
+
+# ============================================================================ one call
+@dataclass
+class BCUResult:
+    model: nn.Module  # the cleansed student (eval mode)
+    metrics: dict  # before / after / der (when test data was given), timing
+    history: list[dict]
+    schedule: list[LayerP]
+
+
+def _eval(model: nn.Module, test: ImageDataset | None, attack) -> dict:
+    from ..metrics import evaluate
+
+    if test is None:
+        return {}
+    return evaluate(model, test, attack)
+
+
+def run_bcu(
+    teacher: nn.Module,
+    unlabeled: ImageDataset,
+    cfg: BCUConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    test: ImageDataset | None = None,
+    attack=None,
+    force: bool = False,
+    provenance: dict | None = None,
+) -> BCUResult:
+    """Cleanse ``teacher`` with BCU on ``unlabeled`` images.
+
+    Args:
+        teacher: the suspicious classifier taking float (N, C, H, W) in [0, 1]; not modified.
+        unlabeled: images of the teacher's input shape (see :func:`load_unlabeled`); labels unused.
+        cfg: :class:`BCUConfig` (default: the paper's); ``cfg.ablation`` selects an ablation.
+        out_dir: if given, writes the cleansed model directory (``save_model`` at ``out_dir``),
+            ``config.yaml``, ``schedule.json``, ``history.json``, ``metrics.json`` and
+            ``checkpoint.pt`` (per epoch; ``resume`` continues a killed run).
+        test, attack: clean test set and the attack, for BA / ASR / RA before and after and DER.
+    Returns a :class:`BCUResult`.
+    """
+    from ..io import prepare_out_dir, write_json, write_yaml
+    from ..metrics import der
+    from ..models.io import save_model
+
+    cfg = cfg or BCUConfig()
+    cfg.validate()
+    arch = getattr(teacher, "arch", None)
+    if arch is not None:
+        want = (arch["in_channels"], arch["image_size"], arch["image_size"])
+        if unlabeled.shape != want:
+            raise UnbackdoorError(f"unlabeled images are {unlabeled.shape} but the model expects {want}; "
+                                  "convert them with load_unlabeled / match_input")
+        if test is not None and test.shape != want:
+            raise UnbackdoorError(f"test images are {test.shape} but the model expects {want}")
+    out = prepare_out_dir(out_dir, force=force, resume=resume) if out_dir is not None else None
+    schedule = layer_schedule(teacher, cfg)
+    if cfg.ablation != "none":  # both ablations start from the teacher itself
+        schedule = [LayerP(lp.name, lp.kind, lp.group, 0.0, "ablation") for lp in schedule]
+    student = reinitialize(teacher, schedule, seed=cfg.seed, linear_init=cfg.linear_init)
+    if out is not None:
+        write_yaml(out / "config.yaml", {"command": "bcu", "bcu": _plain_config(cfg), "n_unlabeled": len(unlabeled),
+                                         "unlabeled": unlabeled.meta.get("source", unlabeled.name),
+                                         **({"provenance": provenance} if provenance else {})})
+        write_json(out / "schedule.json", [asdict(lp) for lp in schedule])
+    before = _eval(teacher, test, attack)
+    evaluate = None
+    if test is not None:
+        evaluate = lambda m: {k: v for k, v in _eval(m, test, attack).items() if not k.startswith("n_")}  # noqa: E731
+    res = distill(teacher, student, unlabeled, cfg, checkpoint=out / "checkpoint.pt" if out else None,
+                  resume=resume, evaluate=evaluate)
+    metrics: dict = {"ablation": cfg.ablation, "n_unlabeled": len(unlabeled), "epochs": cfg.epochs,
+                     "distill_seconds": round(res.seconds, 2), "precision": res.precision,
+                     "images_per_second": round(sum(h["images_per_second"] for h in res.history) / len(res.history), 1)
+                     if res.history else None}
+    if test is not None:
+        after = _eval(res.model, test, attack)
+        metrics.update({"before": before, "after": after})
+        if attack is not None:
+            metrics["der"] = der(before["clean_accuracy"], before["attack_success_rate"],
+                                 after["clean_accuracy"], after["attack_success_rate"])
+    if out is not None:
+        if getattr(res.model, "arch", None) is not None:
+            save_model(res.model, out, classes=getattr(teacher, "classes", None),
+                       provenance={"command": "bcu", "ablation": cfg.ablation, **(provenance or {})})
+        write_json(out / "history.json", res.history)
+        write_json(out / "metrics.json", metrics)
+    return BCUResult(res.model, metrics, res.history, schedule)
+
+
+def cleanse(
+    model: str | os.PathLike,
+    unlabeled: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: BCUConfig | None = None,
+    data: str | os.PathLike | None = None,
+    resume: bool = False,
+    force: bool = False,
+    fit: str = "resize",
+    flip: bool | None = None,
+) -> BCUResult:
+    """:func:`run_bcu` from paths (what ``unbackdoor bcu`` runs).
+
+    ``model``: a model directory or BackdoorBench ``attack_result.pt`` (loaded without
+    executing code); ``unlabeled``: see :func:`load_unlabeled`; ``data``: a poisoned-data
+    directory whose clean test set and attack give before/after metrics.
+    """
+    from ..models.io import load_model
+    from ..rundir import load_data
+
+    cfg = cfg or BCUConfig()
+    teacher = load_model(model)
+    arch = getattr(teacher, "arch", None)
+    if arch is None:  # pragma: no cover - load_model always returns registry models
+        raise UnbackdoorError(f"{model}: cannot tell the model's input shape")
+    shape = (arch["in_channels"], arch["image_size"], arch["image_size"])
+    pd = load_data(data) if data is not None else None
+    if pd is not None and pd.test.num_classes != arch["num_classes"]:
+        raise UnbackdoorError(f"model has {arch['num_classes']} classes, {data} has {pd.test.num_classes}")
+    ul = load_unlabeled(unlabeled, shape, fit=fit, seed=cfg.seed, flip=flip)
+    prov = {"teacher": str(model), "unlabeled": str(unlabeled)}
+    if getattr(teacher, "import_report", None):
+        prov["teacher_import"] = teacher.import_report
+    return run_bcu(teacher, ul, cfg, out_dir=out, resume=resume, test=pd.test if pd else None,
+                   attack=pd.attack if pd else None, force=force, provenance=prov)
