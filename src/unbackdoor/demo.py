@@ -85,6 +85,8 @@ class StageDisplay:
         self._t0 = self._work = self._done = 0.0
         self._name = ""
         self._last_decile = -1
+        self._first = True
+        self._ref: float | None = None
 
     def _tag(self) -> str:
         return f"{self.prefix}[{self.i}/{self.total}]"
@@ -98,16 +100,29 @@ class StageDisplay:
     def start(self, name: str, detail: str = "", work: float = 0.0) -> None:
         self.i += 1
         self._name, self._t0, self._work, self._done, self._last_decile = name, time.perf_counter(), work, 0.0, -1
+        self._first, self._ref = True, None
         self.say(f"{self._tag()} {name}" + (f" — {detail}" if detail else ""))
+        if work > 0 and self.tty:
+            self.advance(0.0, "starting")
 
     def advance(self, amount: float, note: str = "") -> None:
         """Report progress within the stage (``amount`` in the units of ``work``)."""
+        self.update_to(self._done + amount, note, amount)
+
+    def update_to(self, done: float, note: str = "", amount: float | None = None) -> None:
+        """Set the progress within the stage to ``done`` (units of ``work``); ``amount``: the
+        part of it done since the last call (a resumed run starts part-way: only what this
+        run did counts towards the speed behind the ETA)."""
+        amount = done - self._done if amount is None else amount
         if not self.enabled or self._work <= 0:
             return
-        self._done = min(self._work, self._done + amount)
+        if self._ref is None:
+            self._ref = max(0.0, done - amount)
+        self._done = min(self._work, max(0.0, done))
         frac = self._done / self._work
         el = time.perf_counter() - self._t0
-        eta = el * (1 - frac) / frac if frac > 0 else math.nan
+        rate = (self._done - self._ref) / el if el > 0 else 0.0
+        eta = (self._work - self._done) / rate if rate > 0 else math.nan
         eta_s = _clock(eta) if math.isfinite(eta) else "?"
         if self.tty:
             width = 24
@@ -118,8 +133,9 @@ class StageDisplay:
             self.file.flush()
         else:
             dec = int(frac * 10)
-            if dec > self._last_decile:
+            if dec > self._last_decile or (self._first and amount > 0):  # every 10%, and the first estimate
                 self._last_decile = dec
+                self._first = self._first and amount <= 0
                 print(f"{self._tag()} {self._name} {100 * frac:3.0f}% · {_clock(el)} elapsed, ETA {eta_s} · {note}",
                       file=self.file, flush=True)
 
@@ -356,12 +372,20 @@ def _run_dbd(spec: ExperimentSpec, pd, d_dir: Path, engine, disp: StageDisplay, 
     disp.start("DBD", f"SimCLR {s.epochs} ep → linear head ≤{l.epochs} ep → MixMatch {mm.epochs}×{mm.iterations} it "
                f"({spec.preset} preset)", work=work)
 
+    order = list(cost)
+
     def on_epoch(stage: str, rec: dict) -> None:
         bits = [f"{stage} {rec.get('epoch', '?')}/{epochs.get(stage, '?')}"]
         for k, short in (("loss", "loss"), ("clean_accuracy", "BA"), ("attack_success_rate", "ASR")):
             if isinstance(rec.get(k), (int, float)):
                 bits.append(f"{short} {rec[k]:.3g}")
-        disp.advance(cost.get(stage, 0.0), " · ".join(bits))
+        # Absolute position: earlier stages count as complete (the linear head may stop
+        # early), and a resumed run starts where its checkpoints are.
+        i = order.index(stage) if stage in order else len(order)
+        done = sum(cost[k] * epochs[k] for k in order[:i])
+        ep = rec.get("epoch")
+        done += cost.get(stage, 0.0) * (ep if isinstance(ep, (int, float)) else 1)
+        disp.update_to(done, " · ".join(bits), amount=cost.get(stage, 0.0))
 
     set_seed(spec.seed)
     model = build_model(spec.model, pd)

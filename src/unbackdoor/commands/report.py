@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -35,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
              "asr": r["attack_success_rate"], "robust_accuracy": r["robust_accuracy"], "der": r["der"]} for r in s["rows"]]
     print_table(rows, ["attack", "model", "clean_accuracy", "asr", "robust_accuracy", "der"])
     f = s["files"]
-    print(f"wrote {f['html']}, {f['markdown']} and {f['html'].rsplit('/', 1)[0]}/summary.json")
+    print(f"wrote {f['html']}, {f['markdown']} and {Path(f['html']).parent / 'summary.json'}")
     return 0

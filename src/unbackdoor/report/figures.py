@@ -264,8 +264,9 @@ def is_loss(name: str) -> bool:
 
 
 def history(stages: dict[str, list[dict]], title: str = "") -> bytes:
-    """Per stage: losses (left) and rates — accuracy, ASR, split precision ... (right).
-    Counts and schedules (kept samples, lambda_u, lr) are left out."""
+    """Per stage: losses (left) and rates — accuracy, ASR, split precision ... (right);
+    a stage that records only one kind gets one wide panel. Counts and schedules
+    (kept samples, lambda_u, lr) are left out."""
     from matplotlib.ticker import MaxNLocator
 
     stages = {k: v for k, v in stages.items() if v}
@@ -273,36 +274,38 @@ def history(stages: dict[str, list[dict]], title: str = "") -> bytes:
     fig = _figure(10.5, 2.55 * n + (0.55 if title else 0.3))
     if title:
         fig.suptitle(title, fontsize=11, color=INK, x=0.01, ha="left", fontweight="bold")
-    axes = fig.subplots(n, 2, squeeze=False)
-    palette = ["#2e86ab", "#d1495b", "#3c9d5d", "#edae49", "#6a4c93", "#00798c", "#8d99ae"]
+    grid = fig.add_gridspec(n, 2)
+    palette = ["#2e86ab", "#d1495b", "#3c9d5d", "#edae49", "#6a4c93", "#00798c", "#8d99ae", "#b5651d", "#17becf"]
     named = {"clean_accuracy": "#2e86ab", "attack_success_rate": "#d1495b", "robust_accuracy": "#3c9d5d",
              "train_accuracy": "#8d99ae"}
     for row, (stage, rows) in enumerate(stages.items()):
         x, series = _series(rows)
-        la, ra = axes[row]
         losses = {k: v for k, v in series.items() if is_loss(k)}
         rates = {k: v for k, v in series.items() if not is_loss(k) and is_rate(k, v)}
+        panels = [(d, kind) for d, kind in ((losses, "losses"), (rates, "accuracy / rates")) if d] or [({}, "")]
+        axes = [fig.add_subplot(grid[row, :])] if len(panels) == 1 else [fig.add_subplot(grid[row, i]) for i in range(2)]
         pad = 0.5 if len(x) < 2 else 0.03 * (x.max() - x.min())
-        for ax, d, colors in ((la, losses, lambda i, k: palette[i % len(palette)]),
-                              (ra, rates, lambda i, k: named.get(k, palette[(i + 3) % len(palette)]))):
-            for i, (k, v) in enumerate(d.items()):
+        for ax, (d, kind) in zip(axes, panels):
+            # The well-known rates keep their colour everywhere; the others take the next unused one.
+            fixed = named if kind != "losses" else {}
+            spare = iter([c for c in palette if c not in fixed.values()] * 3)
+            for k, v in d.items():
                 ok = np.isfinite(v)  # metrics measured every few epochs only: join the measured points
                 ax.plot(x[ok], v[ok], marker="o" if ok.sum() < 30 else None, markersize=3, linewidth=1.6,
-                        color=colors(i, k), label=k.replace("_", " "))
+                        color=fixed.get(k) or next(spare), label=k.replace("_", " "))
             if 0 < len(np.unique(x)) <= 12:
                 ax.set_xticks(np.unique(x))
             else:
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if len(x):
                 ax.set_xlim(x.min() - pad, x.max() + pad)
-        la.set_title(f"{stage}: losses", fontsize=9.5, loc="left")
-        ra.set_title(f"{stage}: accuracy / rates", fontsize=9.5, loc="left")
-        ra.set_ylim(-0.03, 1.03)
-        for ax, d in ((la, losses), (ra, rates)):
+            ax.set_title(f"{stage}: {kind}" if kind else stage, fontsize=9.5, loc="left")
             ax.set_xlabel("epoch", fontsize=8)
             _style(ax)
-            if d:
-                ax.legend(fontsize=7.5, frameon=False)
+            if kind == "accuracy / rates":
+                ax.set_ylim(-0.03, 1.03)
+            if d:  # beside the plot: many curves would hide behind an inside legend
+                ax.legend(fontsize=7.5, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
             else:
-                ax.text(0.5, 0.5, "not recorded", ha="center", va="center", color=MUTED, transform=ax.transAxes)
+                ax.text(0.5, 0.5, "nothing recorded", ha="center", va="center", color=MUTED, transform=ax.transAxes)
     return to_png(fig)
