@@ -295,6 +295,27 @@ def test_report_survives_sparse_and_broken_runs(tmp_path):
     assert "91.0%" in html and (tmp_path / "out" / "summary.json").is_file()
 
 
+def test_scattered_cli_runs_find_their_data(tmp_path):
+    """Runs outside the demo layout are tied to their data by what they recorded:
+    train's ``data:``, DBD's ``provenance.data``, BCU's ``provenance.teacher``."""
+    for name in ("d1", "d2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.npz").write_bytes(b"")  # discovery only looks at file names
+        write_json(tmp_path / name / "attack.json", {"name": "badnets" if name == "d1" else "blended", "target": 0})
+    runs = {"models/und": {"command": "train", "data": str(tmp_path / "d1")},
+            "x/dbd-run": {"command": "dbd", "data": "train", "provenance": {"data": str(tmp_path / "d1")}},
+            "y/cleansed": {"command": "bcu", "provenance": {"teacher": str(tmp_path / "models/und")}},
+            "z/other": {"command": "train", "data": str(tmp_path / "d2")}}
+    for rel, cfg in runs.items():
+        (tmp_path / rel).mkdir(parents=True)
+        write_yaml(tmp_path / rel / "config.yaml", cfg)
+        write_json(tmp_path / rel / "metrics.json", {"clean_accuracy": 0.9})
+    _, found = discover(tmp_path)
+    got = {r.path.relative_to(tmp_path).as_posix(): (r.role, r.data.path.name if r.data else None) for r in found}
+    assert got == {"models/und": ("undefended", "d1"), "x/dbd-run": ("dbd", "d1"), "y/cleansed": ("bcu", "d1"),
+                   "z/other": ("undefended", "d2")}
+
+
 def test_report_errors_are_clear(tmp_path):
     with pytest.raises(UnbackdoorError, match="not found"):
         build_report(tmp_path / "missing")

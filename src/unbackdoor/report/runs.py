@@ -279,13 +279,13 @@ def discover(root: str | os.PathLike) -> tuple[list[DataRun], list[ModelRun]]:
     return data_runs, runs
 
 
-def _find_data(p: Path, config: dict, data_runs: list[DataRun], root: Path) -> DataRun | None:
+def _find_data(p: Path, config: dict, data_runs: list[DataRun], root: Path, depth: int = 0) -> DataRun | None:
     by_path = {d.path.resolve(): d for d in data_runs}
-    # 1. the path recorded in the run's config (CLI runs)
-    for key in ("data", "data_dir", "poisoned_data"):
-        v = config.get(key)
+    prov = config.get("provenance") if isinstance(config.get("provenance"), dict) else {}
+    # 1. the path recorded in the run's config (train/dbd CLI: data, provenance.data)
+    for v in (config.get("data"), config.get("data_dir"), prov.get("data")):
         if isinstance(v, str) and v not in ("api", ""):
-            for cand in (Path(v), p / v, root / v):
+            for cand in (Path(v), p / v, p.parent / v, root / v):
                 try:
                     r = cand.resolve()
                 except OSError:
@@ -296,6 +296,14 @@ def _find_data(p: Path, config: dict, data_runs: list[DataRun], root: Path) -> D
                     d = DataRun(cand, _read_json_safe(cand / "metrics.json") or {}, _read_json_safe(cand / "attack.json"))
                     data_runs.append(d)
                     by_path[r] = d
+                    return d
+    # 1b. BCU records its teacher: the teacher's data is the data
+    t = prov.get("teacher")
+    if isinstance(t, str) and depth < 3:
+        for cand in (Path(t), p.parent / t, root / t):
+            if cand.is_dir() and cand.resolve() != p.resolve() and (cand / "config.yaml").is_file():
+                d = _find_data(cand, _read_yaml_safe(cand / "config.yaml"), data_runs, root, depth + 1)
+                if d is not None:
                     return d
     # 2. the nearest ancestor's ``data`` folder (the demo / sweep layout), or an ancestor data folder
     # (up to one level above ``root``, so a report on ``runs/demo/dbd`` still finds ``runs/demo/data``)
