@@ -252,3 +252,29 @@ class WeakAugment:
 def weak_augment_for(meta: dict, image_size: int) -> WeakAugment:
     """The usual weak augmentation for a dataset: pad = size/8, flip only where valid."""
     return WeakAugment(padding=max(1, image_size // 8), flip=bool(meta.get("flip", False)))
+
+
+def random_grating(
+    x: torch.Tensor, amplitude: float = 0.5, p: float = 0.5, gen: torch.Generator | None = None
+) -> torch.Tensor:
+    """Add a random sinusoidal grating ``a * sin(2 pi f (u cos t + v sin t) + phase)`` to
+    each image with probability ``p``: amplitude ``a`` in [0, amplitude], orientation
+    ``t`` in [0, pi), ``f`` in [1, side / 3] cycles per image, random phase; clamped to [0, 1].
+
+    Not in the SimCLR or MixMatch papers. DBD's additions (docs/results_dbd.md): a
+    clean-label SIG trigger (a fixed sinusoid on every target-class image) is
+    otherwise a perfect, label-consistent shortcut that both the self-supervised
+    features and the fine-tuned model pick up; gratings of random frequency and
+    orientation on every class make additive periodic patterns uninformative.
+    """
+    n, _, h, w = x.shape
+    dev, dt = x.device, x.dtype
+    on = (_rand(n, gen, dev) < p).to(dt)
+    amp = _rand(n, gen, dev) * amplitude * on
+    theta = _rand(n, gen, dev) * math.pi
+    freq = 1 + _rand(n, gen, dev) * (min(h, w) / 3 - 1)
+    phase = _rand(n, gen, dev) * 2 * math.pi
+    v = (torch.arange(h, device=dev, dtype=dt) / h).view(1, h, 1)
+    u = (torch.arange(w, device=dev, dtype=dt) / w).view(1, 1, w)
+    arg = 2 * math.pi * freq.view(n, 1, 1) * (u * theta.cos().view(n, 1, 1) + v * theta.sin().view(n, 1, 1)) + phase.view(n, 1, 1)
+    return (x + amp.view(n, 1, 1, 1) * torch.sin(arg)[:, None]).clamp(0, 1)
