@@ -19,19 +19,29 @@ Three stages, each a function you can call on its own:
 :func:`run_dbd` chains them, evaluates after stages 2 and 3, and writes the
 outputs (model directory, checkpoints, detection, history, metrics).
 
-Two robustness additions, measured on mnist5k (docs/results_dbd.md):
+Three robustness additions, each measured on mnist5k (docs/results_dbd.md):
 
 * **Stage-2 guard** (``LinearConfig.guard``). The head is the fragile point:
   trained long enough it learns the trigger from the backbone's features,
   poisoned samples then enter the high-credible half and the per-epoch
-  re-split feeds the backdoor back in (DESIGN.md: ASR 0.99 with a 10-epoch
-  head). See :class:`LinearConfig` for the rule and the evidence.
+  re-split feeds the backdoor back in (Blended, 10-epoch head: final ASR 1.0;
+  with the guard 0.0). See :class:`LinearConfig` for the rule and the evidence.
 * **Noise augmentation** on every SimCLR view (``SimCLRConfig.noise``): a
   random global brightness offset plus Gaussian pixel noise, so that the
-  self-supervised features cannot cluster images by a global blend.
+  self-supervised features cannot cluster images by a global blend
+  (Blended without it: final ASR 1.0; with it 0.0).
+* **Random gratings** (``grating`` in every stage's augmentation): a sinusoid
+  of random frequency, orientation, phase and amplitude added to half the
+  images. A clean-label SIG trigger sits on every target-class image with its
+  correct label, so no loss-based split can remove it; without the gratings
+  both the self-supervised features and the fine-tuned model use it as the
+  target class's feature (SIG: final ASR 1.0, BA 0.88 - clean zeros are no
+  longer recognised); with them, on all three stages, ASR 0.006, BA 0.969.
+  Gratings in stage 1 alone clean the head (ASR 0.04) but stage 3 relearns
+  the shortcut from the labelled target images.
 
-Both are on by default; ``linear.guard: none`` and ``simclr.noise: false``
-give the reference implementation exactly.
+All are on by default; ``linear.guard: none``, ``simclr.noise: false`` and
+``grating: 0`` in each stage give the reference implementation exactly.
 
 Reproducibility and resume: every stage draws its batches, augmentations and
 mixup weights from per-epoch streams (``Engine.generator(epoch, stream)`` and a
@@ -55,10 +65,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import SimCLRAugment, WeakAugment
+from ..data.augment import SimCLRAugment, WeakAugment, random_grating
 from ..data.dataset import ImageDataset
 from ..errors import UnbackdoorError, unknown_name
 from ..models.io import last_linear, penultimate_features, unwrap
+from ..training.distributed import DistContext, broadcast_buffers, current_context, gather_sharded, run_on_main, shard_indices
 from ..training.engine import Engine, EngineOptions, checkpoint_precision
 from ..training.progress import Progress
 from .losses import NTXentLoss, linear_rampup, mixmatch_loss, mixup, mixup_lambda, sharpen, symmetric_cross_entropy
@@ -88,12 +99,15 @@ class SimCLRConfig:
     noise: bool = True  # not in the paper: random brightness offset + Gaussian noise per view (module docstring)
     noise_offset: float = 0.2
     noise_std: float = 0.05
+    grating: float = 0.5  # not in the paper: max amplitude of a random grating added to a view (0: off) ...
+    grating_p: float = 0.5  # ... with this probability (module docstring)
 
     def validate(self) -> None:
         _positive("simclr", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                   temperature=self.temperature, projection_dim=self.projection_dim)
         if self.batch_size < 2:
             raise UnbackdoorError(f"simclr.batch_size must be >= 2 (NT-Xent needs negatives), got {self.batch_size}")
+        _grating("simclr", self.grating, self.grating_p)
 
 
 @dataclass
@@ -129,7 +143,9 @@ class LinearConfig:
     lr: float = 2e-3
     sce_alpha: float = 0.1
     sce_beta: float = 1.0
-    augment: bool = True  # random crop (pad = side/8) + flip where the data allows it
+    augment: bool = True  # random crop (pad = side/8) + flip where the data allows it, + gratings
+    grating: float = 0.5  # random-grating amplitude (0: off), as in SimCLRConfig
+    grating_p: float = 0.5
     guard: str = "loss-gap"
     guard_patience: int = 1
     guard_min_delta: float = 0.0
@@ -142,6 +158,7 @@ class LinearConfig:
             raise unknown_name("stage-2 guard", self.guard, GUARDS)
         _fraction("linear.epsilon", self.epsilon)
         _fraction("linear.guard_tail", self.guard_tail)
+        _grating("linear", self.grating, self.grating_p)
 
 
 @dataclass
@@ -161,7 +178,9 @@ class MixMatchConfig:
     rampup_epochs: float | None = None  # None = all epochs (reference)
     sce_alpha: float = 0.1  # the split's SCE loss
     sce_beta: float = 1.0
-    augment: bool = True
+    augment: bool = True  # random crop (pad = side/8) + flip where the data allows it, + gratings
+    grating: float = 0.5  # random-grating amplitude (0: off), as in SimCLRConfig
+    grating_p: float = 0.5
 
     def validate(self) -> None:
         _positive("mixmatch", epochs=self.epochs, iterations=self.iterations, batch_size=self.batch_size,
@@ -169,6 +188,7 @@ class MixMatchConfig:
         _fraction("mixmatch.epsilon", self.epsilon)
         if self.lambda_u < 0:
             raise UnbackdoorError(f"mixmatch.lambda_u must be >= 0, got {self.lambda_u}")
+        _grating("mixmatch", self.grating, self.grating_p)
 
 
 @dataclass
@@ -209,6 +229,13 @@ def _positive(where: str, **values: float) -> None:
     for k, v in values.items():
         if not v > 0:
             raise UnbackdoorError(f"{where}.{k} must be > 0, got {v}")
+
+
+def _grating(where: str, amplitude: float, p: float) -> None:
+    if not 0 <= amplitude <= 1:
+        raise UnbackdoorError(f"{where}.grating must be an amplitude in [0, 1], got {amplitude}")
+    if not 0 <= p <= 1:
+        raise UnbackdoorError(f"{where}.grating_p must be a probability in [0, 1], got {p}")
 
 
 def _fraction(where: str, v: float) -> None:
@@ -267,6 +294,22 @@ class _LinearProbe(nn.Module):
         with torch.no_grad():
             h = penultimate_features(self.encoder, x)
         return self.head(h)
+
+
+def _augmenter(base: Callable | None, grating: float, grating_p: float) -> Callable | None:
+    """``base`` (a batched augmentation or None) followed by random gratings when ``grating > 0``."""
+    if grating <= 0:
+        return base
+    def aug(x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        return random_grating(base(x, gen) if base is not None else x, grating, grating_p, gen)
+    return aug
+
+
+def _weak(train: ImageDataset, augment: bool, grating: float, grating_p: float) -> Callable | None:
+    if not augment:
+        return None
+    base = WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False)))
+    return _augmenter(base, grating, grating_p)
 
 
 def feature_dim(model: nn.Module) -> int:
@@ -350,8 +393,8 @@ def simclr_stage(
         eng.set_optimizer(params, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.epochs * steps)
         start, history, _ = _resume_state(eng, checkpoint, resume, cfg)
         opts = engine or EngineOptions()
-        aug = SimCLRAugment(scale=tuple(cfg.scale), flip=bool(train.meta.get("flip", False)), noise=cfg.noise,
-                            noise_offset=cfg.noise_offset, noise_std=cfg.noise_std)
+        aug = _augmenter(SimCLRAugment(scale=tuple(cfg.scale), flip=bool(train.meta.get("flip", False)), noise=cfg.noise,
+                                       noise_offset=cfg.noise_offset, noise_std=cfg.noise_std), cfg.grating, cfg.grating_p)
         criterion = NTXentLoss(cfg.temperature)
         images = train.images.to(eng.device)
         for epoch in range(start, cfg.epochs):
@@ -366,7 +409,7 @@ def simclr_stage(
                 with eng.autocast():
                     z = eng.train_model(eng.input(views))
                 z1, z2 = z.float().chunk(2)
-                loss = criterion(z1, z2)
+                loss = criterion(z1, z2, eng.dist)  # negatives from every rank (NTXentLoss.forward_gathered)
                 eng.step(loss)
                 tot += loss.detach()
                 bar.update(len(idx) * eng.dist.world_size)
@@ -415,29 +458,42 @@ class Split:
 
 @torch.no_grad()
 def sample_losses(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta: float = 1.0,
-                  batch_size: int = 512) -> torch.Tensor:
-    """Per-sample SCE loss of ``model`` (eval mode, no augmentation) on ``data``: float (N,) on CPU."""
+                  batch_size: int = 512, dist: DistContext | None = None) -> torch.Tensor:
+    """Per-sample SCE loss of ``model`` (eval mode, no augmentation) on ``data``: float (N,) on CPU.
+
+    With an enabled ``dist`` (a collective: every rank calls it) each rank scores its
+    share ``idx[rank::world]`` with rank 0's BatchNorm statistics and the losses are
+    all-gathered, so every rank returns the same (N,) tensor a single process computes."""
     dev = next(model.parameters()).device
+    ctx = dist or DistContext()
+    broadcast_buffers(model, ctx)
+    idx = shard_indices(len(data), ctx)
     was_training = model.training
     model.eval()
     out = []
     try:
-        for i in range(0, len(data), batch_size):
-            x = data.images[i : i + batch_size].to(dev).float().div_(255)
-            y = data.labels[i : i + batch_size].to(dev)
+        for i in range(0, len(idx), batch_size):
+            j = idx[i : i + batch_size]
+            x = data.images[j].to(dev).float().div_(255)
+            y = data.labels[j].to(dev)
             out.append(symmetric_cross_entropy(model(x), y, alpha, beta, reduction="none").cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    local = torch.cat(out) if out else torch.zeros(0)
+    if not ctx.enabled:
+        return local
+    return gather_sharded(local.to(dev), len(data), ctx).cpu()
 
 
 def split_by_loss(model: nn.Module, train: ImageDataset, eps: float = 0.5, alpha: float = 0.1, beta: float = 1.0,
-                  batch_size: int = 512) -> Split:
+                  batch_size: int = 512, dist: DistContext | None = None) -> Split:
     """DBD's split: the fraction ``eps`` of ``train`` with the lowest SCE loss is
     high-credible (keeps its label); the rest is treated as unlabelled.
-    Ties are broken by index (a stable sort), so the split is deterministic."""
+    Ties are broken by index (a stable sort), so the split is deterministic.
+    Under DDP pass ``dist`` (all ranks call it): the losses are computed sharded and
+    all-gathered (:func:`sample_losses`), so every rank gets the global split."""
     _fraction("epsilon", eps)
-    losses = sample_losses(model, train, alpha, beta, batch_size)
+    losses = sample_losses(model, train, alpha, beta, batch_size, dist)
     k = int(len(losses) * eps)
     order = torch.sort(losses, stable=True).indices
     kept = torch.zeros(len(losses), dtype=torch.bool)
@@ -499,7 +555,7 @@ def linear_stage(
         start, history, st = _resume_state(eng, checkpoint, resume, cfg)
         guard = dict(st.get("guard", {"best_gap": -math.inf, "best_epoch": 0, "bad": 0, "done": False, "best_head": None}))
         opts = engine or EngineOptions()
-        aug = WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False))) if cfg.augment else None
+        aug = _weak(train, cfg.augment, cfg.grating, cfg.grating_p)
         images, labels = train.images.to(eng.device), train.labels.to(eng.device)
         for epoch in range(start, cfg.epochs):
             if guard["done"]:
@@ -523,7 +579,7 @@ def linear_stage(
                 bar.update(len(idx) * eng.dist.world_size)
             rec = {"epoch": epoch + 1, "loss": float(tot) / steps, "train_accuracy": float(correct) / (steps * bs),
                    "images_per_second": bar.images_per_second}
-            split = split_by_loss(model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size)
+            split = split_by_loss(model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist)
             rec.update({f"split_{k}": v for k, v in split.quality(train.poisoned, cfg.guard_tail).items()})
             rec["seconds"] = time.perf_counter() - bar.t0
             if cfg.guard == "loss-gap":
@@ -601,14 +657,14 @@ def mixmatch_stage(
     eng.set_optimizer(eng.model.parameters(), "adam", cfg.lr, schedule="constant", total_steps=cfg.epochs * cfg.iterations)
     start, history, _ = _resume_state(eng, checkpoint, resume, cfg)
     opts = engine or EngineOptions()
-    aug = WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False))) if cfg.augment else None
+    aug = _weak(train, cfg.augment, cfg.grating, cfg.grating_p)
     images, labels = train.images.to(eng.device), train.labels.to(eng.device)
     c = train.num_classes
     b = cfg.batch_size
     ramp_len = cfg.epochs if cfg.rampup_epochs is None else cfg.rampup_epochs
     for epoch in range(start, cfg.epochs):
         t_epoch = time.perf_counter()
-        split = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size)
+        split = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist)
         kept = split.kept.to(eng.device)
         lab_pool, unl_pool = torch.nonzero(kept).flatten(), torch.nonzero(~kept).flatten()
         if len(lab_pool) == 0 or len(unl_pool) == 0:
@@ -655,7 +711,7 @@ def mixmatch_stage(
         if on_epoch is not None:
             on_epoch(rec)
     eng.model.eval()
-    final = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size)
+    final = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist)
     return StageResult(eng.model, history, _seconds(history), eng.precision.name, {"split": final})
 
 
@@ -745,7 +801,8 @@ def run_dbd(
                               f"data has {train.shape}")
     if arch is not None and arch["num_classes"] != train.num_classes:
         raise UnbackdoorError(f"model has {arch['num_classes']} classes, data has {train.num_classes}")
-    out = prepare_out_dir(out_dir, force=force, resume=resume) if out_dir is not None else None
+    ctx = current_context()  # under torchrun every rank runs this; only rank 0 writes (issue 7)
+    out = Path(run_on_main(ctx, lambda: prepare_out_dir(out_dir, force=force, resume=resume))) if out_dir is not None else None
     ck = (lambda name: out / "checkpoints" / f"{name}.pt") if out is not None else (lambda name: None)
     # Resolve 'auto' precision once (a measured probe) and use it in every stage.
     opts = cfg.engine
@@ -753,9 +810,9 @@ def run_dbd(
         existing = [p for p in (ck("simclr"), ck("linear"), ck("mixmatch")) if p is not None and resume and p.exists()]
         prec = checkpoint_precision(existing[0]) if existing else resolve_precision(
             "auto", model, train.shape, pick_device(opts.device), cfg.simclr.batch_size)
-        opts = replace(opts, precision=prec.name)
+        opts = replace(opts, precision=ctx.broadcast_object(prec.name))  # ranks agree on rank 0's probe
     cfg = replace(cfg, engine=opts)
-    if out is not None:
+    if out is not None and ctx.is_main:
         write_yaml(out / "config.yaml", {"command": "dbd", "dbd": _plain(cfg), "data": meta.get("source", train.name),
                                          "model": (arch or {}).get("name", type(model).__name__),
                                          **({"provenance": provenance} if provenance else {})})
@@ -768,10 +825,10 @@ def run_dbd(
     metrics: dict = {"n_train": len(train), "precision": s1.precision,
                      "stage2": {"guard": cfg.linear.guard, "guard_epoch": s2.extra["guard_epoch"],
                                 "epochs_trained": len(s2.history)}}
-    if test is not None:
+    if test is not None and ctx.is_main:
         metrics["after_stage2"] = evaluate(model, test, attack, cfg.eval_batch_size)
     split2 = split_by_loss(model, train, cfg.mixmatch.epsilon, cfg.mixmatch.sce_alpha, cfg.mixmatch.sce_beta,
-                           cfg.eval_batch_size)
+                           cfg.eval_batch_size, ctx)
     ev = None
     if test is not None:
         ev = lambda m: {k: v for k, v in evaluate(m, test, attack, cfg.eval_batch_size).items() if not k.startswith("n_")}  # noqa: E731
@@ -779,7 +836,7 @@ def run_dbd(
                         eval_batch_size=cfg.eval_batch_size, **kw)
     model = s3.model
     split: Split = s3.extra["split"]
-    if test is not None:
+    if test is not None and ctx.is_main:
         metrics["after_stage3"] = evaluate(model, test, attack, cfg.eval_batch_size)
         metrics.update({k: metrics["after_stage3"][k] for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")
                         if k in metrics["after_stage3"]})
@@ -795,7 +852,8 @@ def run_dbd(
                           "mixmatch": round(s3.seconds, 2), "total": round(s1.seconds + s2.seconds + s3.seconds, 2),
                           "this_run": round(time.perf_counter() - t0, 2)}
     history = {"simclr": s1.history, "linear": s2.history, "mixmatch": s3.history}
-    if out is not None:
+    metrics["world_size"] = ctx.world_size
+    if out is not None and ctx.is_main:
         if arch is not None:
             save_model(model, out, classes=train.classes, provenance={"command": "dbd", **(provenance or {}),
                        "attack": attack.spec() if attack is not None else None})
@@ -810,4 +868,5 @@ def run_dbd(
         write_json(out / "detection.json", detection)
         write_json(out / "history.json", history)
         write_json(out / "metrics.json", metrics)
+    ctx.barrier()  # the outputs exist on every rank's return
     return DBDResult(model, split, metrics, history)
