@@ -43,11 +43,26 @@ class ExperimentSpec:
     seed: int = 0
     rate: float = 0.1
     target: int = 0
-    model: str = "cnn-small"
+    model: str | None = None  # None: the dataset's default (cnn-small for digits, resnet18 for CIFAR / GTSRB)
     root: str | None = None  # local files for cifar10 / gtsrb / ...
     params: dict[str, Any] = field(default_factory=dict)  # attack parameters
 
+    @property
+    def model_name(self) -> str:
+        if self.model:
+            return self.model
+        from .data.loaders import dataset_info, dataset_names
+
+        return dataset_info(self.dataset).default_model if self.dataset in dataset_names() else "cnn-small"
+
     def validate(self) -> None:
+        from .data.loaders import dataset_info, dataset_names
+
+        if self.dataset in dataset_names():
+            if dataset_info(self.dataset).needs_root and not self.root:
+                raise UnbackdoorError(f"dataset {self.dataset!r} is read from local files: pass --root PATH")
+        elif not Path(self.dataset).exists():
+            raise unknown_name("dataset", self.dataset, dataset_names())
         if self.preset not in PRESETS:
             raise unknown_name("preset", self.preset, PRESETS)
         for d in self.defenses:
@@ -62,6 +77,7 @@ class ExperimentSpec:
         """The settings a finished stage depends on (``defenses`` may grow between runs)."""
         d = asdict(self)
         d.pop("defenses")
+        d["model"] = self.model_name
         return d
 
 
@@ -296,8 +312,8 @@ def run_experiment(out: str | os.PathLike, spec: ExperimentSpec | None = None, *
         disp.skip("train undefended model", f"done already ({und_dir})")
     else:
         cfg = replace(configs["train"], seed=spec.seed, engine=engine) if configs and "train" in configs else _train_config(spec, engine)
-        disp.start("train undefended model", f"{spec.model}, {cfg.epochs} epochs on the poisoned data")
-        m = train(pd, und_dir, spec.model, cfg, resume=True)
+        disp.start("train undefended model", f"{spec.model_name}, {cfg.epochs} epochs on the poisoned data")
+        m = train(pd, und_dir, spec.model_name, cfg, resume=True)
         seconds["undefended"] = disp.done(_brief(m))
 
     # 3. defenses
@@ -390,7 +406,7 @@ def _run_dbd(spec: ExperimentSpec, pd, d_dir: Path, engine, disp: StageDisplay, 
         disp.update_to(done, " · ".join(bits), amount=cost.get(stage, 0.0))
 
     set_seed(spec.seed)
-    model = build_model(spec.model, pd)
+    model = build_model(spec.model_name, pd)
     res = run_dbd(model, pd, cfg, d_dir, resume=True, on_epoch=on_epoch,
                   provenance={"data": str(d_dir.parent / "data"), "preset": spec.preset})
     det = res.metrics.get("detection", {})
@@ -457,10 +473,11 @@ def experiment_rows(out: str | os.PathLike) -> list[dict]:
 
 def demo(out: str | os.PathLike = "runs/demo", attack: str = "badnets", preset: str = "quick", seed: int = 0,
          dataset: str = "mnist5k", defenses: tuple[str, ...] = DEFENSES, force: bool = False, engine=None,
-         embed_points: int = 1000, progress: bool = True, configs: dict[str, Any] | None = None) -> dict:
+         embed_points: int = 1000, progress: bool = True, configs: dict[str, Any] | None = None,
+         root: str | None = None) -> dict:
     """``unbackdoor demo``: one full experiment on ``dataset`` (default: the embedded mnist5k,
-    no download) with the report. See :func:`run_experiment`."""
-    spec = ExperimentSpec(attack=attack, dataset=dataset, defenses=tuple(defenses), preset=preset, seed=seed)
+    no download; ``root``: local files of cifar10 / gtsrb / ...) with the report. See :func:`run_experiment`."""
+    spec = ExperimentSpec(attack=attack, dataset=dataset, defenses=tuple(defenses), preset=preset, seed=seed, root=root)
     disp = StageDisplay(0, enabled=progress)
     t0 = time.perf_counter()
     res = run_experiment(out, spec, engine=engine, force=force, display=disp, embed_points=embed_points,

@@ -16,6 +16,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        "finished stages and resumes an interrupted one.")
     p.add_argument("--attack", default="badnets", help=f"{', '.join(attack_names())} (default badnets)")
     p.add_argument("--dataset", default="mnist5k", help="dataset (default mnist5k: embedded, no download)")
+    p.add_argument("--root", help="local files for cifar10, cifar100, gtsrb, imagefolder")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--preset", default="quick", choices=["quick", "paper"],
                    help="DBD / BCU settings: quick (a few minutes on a CPU) or paper (the papers' settings)")
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     res = demo(args.out, attack=args.attack, preset=args.preset, seed=args.seed, dataset=args.dataset,
                defenses=parse_list(args.defenses), force=args.force, engine=engine_options(args),
                embed_points=args.points, progress=not args.no_progress,
-               configs=load_experiment_configs(args.config, args.preset))
+               configs=load_experiment_configs(args.config, args.preset), root=args.root)
     print()
     print_rows(res["rows"])
     for name, why in res["skipped"].items():
