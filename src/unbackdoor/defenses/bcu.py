@@ -536,6 +536,7 @@ def run_bcu(
     from ..io import prepare_out_dir, write_json, write_yaml
     from ..metrics import der
     from ..models.io import save_model
+    from ..training.distributed import current_context, run_on_main
 
     cfg = cfg or BCUConfig()
     cfg.validate()
@@ -547,17 +548,20 @@ def run_bcu(
                                   "convert them with load_unlabeled / match_input")
         if test is not None and test.shape != want:
             raise UnbackdoorError(f"test images are {test.shape} but the model expects {want}")
-    out = prepare_out_dir(out_dir, force=force, resume=resume) if out_dir is not None else None
+    # Under torchrun every rank runs this (distill shards the batches); only rank 0
+    # prepares OUT, evaluates and writes, the others wait at the barriers (issue 7).
+    ctx = current_context()
+    out = Path(run_on_main(ctx, lambda: prepare_out_dir(out_dir, force=force, resume=resume))) if out_dir is not None else None
     schedule = layer_schedule(teacher, cfg)
     if cfg.ablation != "none":  # both ablations start from the teacher itself
         schedule = [LayerP(lp.name, lp.kind, lp.group, 0.0, "ablation") for lp in schedule]
     student = reinitialize(teacher, schedule, seed=cfg.seed, linear_init=cfg.linear_init)
-    if out is not None:
+    if out is not None and ctx.is_main:
         write_yaml(out / "config.yaml", {"command": "bcu", "bcu": _plain_config(cfg), "n_unlabeled": len(unlabeled),
                                          "unlabeled": unlabeled.meta.get("source", unlabeled.name),
                                          **({"provenance": provenance} if provenance else {})})
         write_json(out / "schedule.json", [asdict(lp) for lp in schedule])
-    before = _eval(teacher, test, attack)
+    before = _eval(teacher, test, attack) if ctx.is_main else {}
     evaluate = None
     if test is not None:
         evaluate = lambda m: {k: v for k, v in _eval(m, test, attack).items() if not k.startswith("n_")}  # noqa: E731
@@ -566,19 +570,20 @@ def run_bcu(
     metrics: dict = {"ablation": cfg.ablation, "n_unlabeled": len(unlabeled), "epochs": cfg.epochs,
                      "distill_seconds": round(res.seconds, 2), "precision": res.precision,
                      "images_per_second": round(sum(h["images_per_second"] for h in res.history) / len(res.history), 1)
-                     if res.history else None}
-    if test is not None:
+                     if res.history else None, "world_size": ctx.world_size}
+    if test is not None and ctx.is_main:
         after = _eval(res.model, test, attack)
         metrics.update({"before": before, "after": after})
         if attack is not None:
             metrics["der"] = der(before["clean_accuracy"], before["attack_success_rate"],
                                  after["clean_accuracy"], after["attack_success_rate"])
-    if out is not None:
+    if out is not None and ctx.is_main:
         if getattr(res.model, "arch", None) is not None:
             save_model(res.model, out, classes=getattr(teacher, "classes", None),
                        provenance={"command": "bcu", "ablation": cfg.ablation, **(provenance or {})})
         write_json(out / "history.json", res.history)
         write_json(out / "metrics.json", metrics)
+    ctx.barrier()
     return BCUResult(res.model, metrics, res.history, schedule)
 
 

@@ -37,12 +37,49 @@ class NTXentLoss(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, dist=None) -> torch.Tensor:
+        """``dist``: a :class:`~unbackdoor.training.distributed.DistContext`; under DDP
+        (``dist.enabled``) z1, z2 are this rank's share and the negatives come from all
+        ranks (:meth:`forward_gathered`)."""
+        if dist is not None and dist.enabled:
+            return self.forward_gathered(z1, z2, dist)
         n = len(z1)
         z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
         sim = z @ z.t() / self.temperature  # (2N, 2N) cosine similarities / T
         sim.fill_diagonal_(float("-inf"))  # an embedding is not its own negative
         pos = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        return F.cross_entropy(sim, pos)
+
+    def forward_gathered(self, z1: torch.Tensor, z2: torch.Tensor, dist) -> torch.Tensor:
+        """NT-Xent over the *global* batch under DDP, for this rank's anchors.
+
+        Each rank holds n of the W * n images (both views). The normalised local
+        embeddings are all-gathered *with autograd*, so every local anchor is scored
+        against all 2Wn embeddings, exactly its candidate set on one process. The
+        rank returns the mean over its 2n anchors, ``L_r``; the single-process loss
+        is their average ``L = (1/W) sum_r L_r``.
+
+        Why the gradient equals the single-process one: the backward of the gathering
+        all-gather sums, over ranks, the gradient reaching each block and returns it to
+        the block's owner, so rank r's parameters receive ``d(sum_s L_s)/dθ`` through
+        its own embeddings z_r. DDP then *averages* the W ranks' parameter gradients:
+        ``(1/W) sum_r d(sum_s L_s)/dθ|_{via z_r} = d((1/W) sum_s L_s)/dθ = dL/dθ``.
+        No extra scaling is needed (each rank's loss already is a mean over its own
+        anchors, all ranks having the same n). BatchNorm still sees only the local
+        batch unless ``engine.sync_bn`` is set. Tested in tests/test_distributed.py.
+        """
+        from ..training.distributed import all_gather_with_grad
+
+        n = len(z1)
+        local = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2n, D): [view 1; view 2]
+        everything = all_gather_with_grad(local, dist)  # (W * 2n, D), rank-major
+        sim = local @ everything.t() / self.temperature  # (2n, 2Wn)
+        off = dist.rank * 2 * n  # this rank's block in the gathered set
+        rows = torch.arange(2 * n, device=local.device)
+        self_mask = torch.zeros_like(sim, dtype=torch.bool)
+        self_mask[rows, off + rows] = True
+        sim = sim.masked_fill(self_mask, float("-inf"))
+        pos = off + torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(local.device)
         return F.cross_entropy(sim, pos)
 
 

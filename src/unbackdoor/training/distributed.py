@@ -64,3 +64,83 @@ def current_context() -> DistContext:
     if dist.is_available() and dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return DistContext()
+
+
+# ---------------------------------------------------------------------------- collectives
+# Every helper below is a collective when ``ctx.enabled``: all ranks must call it, in
+# the same order. With one process each is the identity (or a plain call).
+
+def shard_indices(n: int, ctx: DistContext, device: torch.device | str | None = None) -> torch.Tensor:
+    """This rank's strided share ``arange(n)[rank::world]`` of ``n`` samples (all of them
+    on one process). Ranks may differ by one element; :func:`gather_sharded` undoes it."""
+    return torch.arange(ctx.rank, n, ctx.world_size, device=device)
+
+
+def all_gather_cat(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Concatenate (dim 0, rank order) a tensor of the same shape from every rank. No gradient."""
+    if not ctx.enabled:
+        return t
+    parts = [torch.empty_like(t) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def gather_sharded(local: torch.Tensor, n: int, ctx: DistContext) -> torch.Tensor:
+    """Reassemble per-sample values computed on :func:`shard_indices` (``local[j]`` is
+    sample ``j * world + rank``) into the full (n, ...) tensor, identical on every rank."""
+    if not ctx.enabled:
+        return local
+    m = -(-n // ctx.world_size)  # ceil: the largest share; shorter ones are padded at the end
+    pad = local.new_zeros((m - len(local), *local.shape[1:]))
+    full = all_gather_cat(torch.cat([local, pad]), ctx)  # (world * m, ...), rank-major
+    # rank-major (r, j) -> sample j * world + r: transpose to (j, r); padding lands past n
+    return full.view(ctx.world_size, m, *local.shape[1:]).transpose(0, 1).reshape(-1, *local.shape[1:])[:n]
+
+
+def all_gather_with_grad(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """:func:`all_gather_cat` that keeps autograd: the gradient reaching each gathered
+    block is summed over ranks and sent back to the rank it came from
+    (``torch.distributed.nn.functional.all_gather``)."""
+    if not ctx.enabled:
+        return t
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # deprecated in recent torch, but its replacement is not autograd-aware on gloo
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(t.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_buffers(model: torch.nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP broadcasts
+    them at the start of each forward, but the last training forward of an epoch then
+    updates each rank's copy with its own shard: eval-mode passes would differ by rank."""
+    if not ctx.enabled:
+        return
+    with torch.no_grad():
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
+def run_on_main(ctx: DistContext, fn):
+    """Call ``fn()`` on rank 0 only and return its result on every rank (it must be
+    picklable). An :class:`~unbackdoor.errors.UnbackdoorError` raised there is raised on
+    every rank, so a refused output folder stops all ranks instead of leaving the others
+    waiting in a collective."""
+    from ..errors import UnbackdoorError
+
+    if not ctx.enabled:
+        return fn()
+    msg = None
+    res = None
+    if ctx.is_main:
+        try:
+            res = fn()
+        except UnbackdoorError as e:
+            msg = str(e)
+    res, msg = ctx.broadcast_object((res, msg))
+    if msg is not None:
+        raise UnbackdoorError(msg)
+    return res
