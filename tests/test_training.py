@@ -113,10 +113,11 @@ def test_precision_probe_returns_a_valid_choice_and_caches_it(tmp_path, monkeypa
     (tmp_path / "probe.json").write_text(json.dumps({key: planted}))
     assert probe_precision(model, (1, 28, 28), cpu, batch_size=16, steps=1).name == planted
     assert resolve_precision("auto", model, (1, 28, 28), cpu, batch_size=16).name == planted
-    # a corrupted cache is ignored and rewritten, never fatal
-    (tmp_path / "probe.json").write_text("{not json")
-    assert probe_precision(model, (1, 28, 28), cpu, batch_size=16, steps=1).name in CANDIDATES
-    assert json.loads((tmp_path / "probe.json").read_text())
+    # a damaged cache is ignored and rewritten, never fatal
+    for damaged in ("{not json", "[1, 2]", json.dumps({key: "fp64"})):
+        (tmp_path / "probe.json").write_text(damaged)
+        assert probe_precision(model, (1, 28, 28), cpu, batch_size=16, steps=1).name in CANDIDATES
+        assert json.loads((tmp_path / "probe.json").read_text())[key] in CANDIDATES
 
 
 def test_explicit_precisions():

@@ -93,6 +93,16 @@ def _cpu_id() -> str:
     return hashlib.sha1(name.encode()).hexdigest()[:12]
 
 
+def _read_cache(path: Path) -> dict:
+    """The probe cache as a dict; a missing, unreadable or damaged file is an empty cache
+    (it is only a cache: the next probe rewrites it)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def probe_precision(model: nn.Module, sample_shape: tuple[int, ...], device: torch.device, batch_size: int = 64,
                     steps: int = 3, candidates: list[str] | None = None) -> Precision:
     """Time ``steps`` forward/backward passes per candidate and return the fastest.
@@ -108,12 +118,12 @@ def probe_precision(model: nn.Module, sample_shape: tuple[int, ...], device: tor
     arch = getattr(model, "arch", {}).get("name", type(model).__name__)
     key = f"{_cpu_id()}|{torch.__version__}|{arch}|{tuple(sample_shape)}|{batch_size}|{torch.get_num_threads()}"
     cache = _cache_file()
-    try:
-        cached = json.loads(cache.read_text()).get(key)
-        if cached:
+    cached = _read_cache(cache).get(key)
+    if isinstance(cached, str):
+        try:
             return Precision.parse(cached)
-    except (OSError, ValueError):
-        pass
+        except UnbackdoorError:
+            pass  # a damaged entry: measure again and overwrite it
     import copy
 
     candidates = candidates or ["fp32", "fp32+channels_last", "bf16+channels_last"]
@@ -140,7 +150,7 @@ def probe_precision(model: nn.Module, sample_shape: tuple[int, ...], device: tor
     choice = min(timings, key=timings.get)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        data = json.loads(cache.read_text()) if cache.exists() else {}
+        data = _read_cache(cache)
         data[key] = choice
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1))
