@@ -359,6 +359,7 @@ def distill(
     start = 0
     if resume and checkpoint and Path(checkpoint).exists():
         st = eng.load(checkpoint)
+        _check_same_settings(st.get("config") or {}, _plain_config(cfg), checkpoint)
         start, history = int(st["epoch"]) + 1, list(st.get("history", []))
     images = unlabeled.images.to(eng.device)
     side = unlabeled.shape[1]
@@ -399,6 +400,17 @@ def distill(
         eng.save(checkpoint, epoch=epoch, history=history, config=_plain_config(cfg))
     eng.model.eval()
     return DistillResult(eng.model, history, time.perf_counter() - t0, eng.precision.name)
+
+
+def _check_same_settings(saved: dict, current: dict, checkpoint) -> None:
+    # Continuing with other training settings would silently mix two runs; how it runs
+    # (engine, evaluation cadence) may change.
+    ignore = {"engine", "eval_every"}
+    diff = sorted(k for k in current if k not in ignore and k in saved and saved[k] != current[k])
+    if diff:
+        raise UnbackdoorError(f"cannot resume from {checkpoint}: it was made with other settings "
+                              f"({', '.join(f'{k}={saved[k]!r}, now {current[k]!r}' for k in diff)}); "
+                              "use --force to start over")
 
 
 def _plain_config(cfg: BCUConfig) -> dict:
