@@ -69,7 +69,20 @@ def _spawn(fn, tmp_path: Path, *args) -> None:
     import torch.multiprocessing as mp
 
     init = f"file://{tmp_path / 'pg'}"
-    mp.spawn(fn, args=(2, init, *args), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, init, fn, *args), nprocs=2, join=True)
+
+
+def _worker(rank: int, world: int, init: str, fn, *args) -> None:
+    # Tear the process group down before exit: a gloo group left alive at interpreter
+    # shutdown sometimes aborts the process ("terminate called without an active exception").
+    import torch.distributed as dist
+
+    try:
+        fn(rank, world, init, *args)
+        dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _join(rank: int, world: int, init: str):
