@@ -96,7 +96,8 @@ def test_poison_marks_the_rate_and_sets_labels(name, attack_for, small_train):
 
 
 def test_clean_label_rate_is_capped_at_the_target_class(attack_for, small_train):
-    ds, mask = attack_for("sig", target=3).poison(small_train, 0.5, seed=0)
+    with pytest.warns(UserWarning, match="poisons all 100 target-class samples"):
+        ds, mask = attack_for("sig", target=3).poison(small_train, 0.5, seed=0)
     assert int(mask.sum()) == 100 and torch.equal(mask, small_train.labels == 3)
 
 

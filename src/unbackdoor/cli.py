@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    import warnings
+
+    # Our warnings are advice to the user: one line, no source location.
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"unbackdoor {args.command}: warning: {msg}\n"
     try:
         _init_distributed(args)
         rc = args._run(args)
@@ -54,6 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"unbackdoor {args.command}: interrupted (re-run with --resume to continue)", file=sys.stderr)
         return 130
+    finally:
+        _finish_distributed()
+
+
+def _finish_distributed() -> None:
+    # A process group left alive at interpreter exit can abort the process (gloo).
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _init_distributed(args: argparse.Namespace) -> None:

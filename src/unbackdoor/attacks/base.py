@@ -9,6 +9,8 @@ poisoned-data folder fully describes its attack.
 """
 from __future__ import annotations
 
+import warnings
+
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -105,8 +107,13 @@ class Attack:
         gen = np.random.default_rng(seed)
         elig = np.flatnonzero(self.eligible(dataset.labels).numpy())
         n = int(round(rate * len(dataset)))
-        if self.clean_label:
-            n = min(n, len(elig))
+        if self.clean_label and n >= len(elig):
+            # Every target-class sample carries the trigger: the model never sees a clean
+            # one and learns the trigger as the class (mnist5k, lc at 10%: clean accuracy 0.88).
+            warnings.warn(f"{self.name}: rate {rate} asks for {n} samples and poisons all {len(elig)} "
+                          f"target-class samples; no clean target-class image is left, so clean accuracy "
+                          f"on the target class will suffer (use a lower rate)", stacklevel=2)
+            n = len(elig)
         if n > len(elig):
             raise UnbackdoorError(f"rate {rate} asks for {n} poisoned samples but only {len(elig)} are eligible")
         if n == 0:

@@ -4,8 +4,11 @@ adversarial perturbation (L-inf, from a surrogate model trained on clean data),
 then the trigger is added; labels are unchanged, so the model can only fit
 those samples through the trigger.
 
-Trigger: a 3x3 black/white checkerboard in each of the four corners (the
-paper's four-corner pattern) at full amplitude.
+Trigger: a black/white checkerboard in each of the four corners (the
+paper's four-corner pattern) at full amplitude; 3x3 (the paper's) on colour
+images, 4x4 on 1-channel images: on mnist5k at 9% the 3x3 pattern's ASR
+depended on the training seed (0.37-0.91 over six runs), the 4x4 one gave
+0.97-1.00 over three at the same clean accuracy.
 
 Perturbation: ``norm="linf"`` with ``eps`` 16/255 for colour images (the
 paper's CIFAR setting). On digits an L-inf perturbation covers the exactly-black
@@ -71,7 +74,7 @@ class LabelConsistent(Attack):
     clean_label = True
 
     def __init__(self, shape, num_classes, target=0, mode="all-to-one", seed=0, eps: float | None = None,
-                 norm: str | None = None, pgd_steps: int = 10, patch_size: int = 3, surrogate_epochs: int = 6,
+                 norm: str | None = None, pgd_steps: int = 10, patch_size: int | None = None, surrogate_epochs: int = 6,
                  surrogate_model: str = "cnn-small", train_amplitude: float = 1.0):
         super().__init__(shape, num_classes, target, mode, seed)
         gray = self.shape[0] == 1
@@ -81,7 +84,7 @@ class LabelConsistent(Attack):
         self.eps = float(eps) if eps is not None else ((3.0 if gray else 1.0) if self.norm == "l2" else 16 / 255)
         if self.eps < 0 or (self.norm == "linf" and self.eps > 1):
             raise UnbackdoorError(f"lc eps must be in [0, 1] for linf (>= 0 for l2), got {self.eps}")
-        self.pgd_steps, self.patch_size = int(pgd_steps), int(patch_size)
+        self.pgd_steps, self.patch_size = int(pgd_steps), int(patch_size if patch_size is not None else (4 if gray else 3))
         if not 0 < train_amplitude <= 1:
             raise UnbackdoorError(f"lc train_amplitude must be in (0, 1], got {train_amplitude}")
         # The paper's reduced-amplitude variant: a fainter trigger in training, full strength at test.

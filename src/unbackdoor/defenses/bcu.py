@@ -41,6 +41,18 @@ sequentially defined models); the last Linear is the classifier.
 ``p_scale`` multiplies every rule-derived probability (clamped to 1);
 ``p_overrides`` (module-name glob -> p, last match wins) sets layers
 explicitly and is not scaled.
+
+Addition (not in the paper; ``grating: 0`` gives the reference exactly)
+-------------------------------------------------------------------------
+SIG's clean-label sinusoid survived every partial re-initialisation that kept
+the clean accuracy (ASR 0.26-0.75 on mnist5k, docs/results_bcu.md): the kept
+shallow layers still respond to stripes, and distillation on clean images
+never says what to do with them. With ``grating > 0`` the *student* sees, with
+probability ``grating_p``, its image plus a random sinusoidal grating (random
+amplitude up to ``grating``, frequency, orientation, phase) while the target
+stays the teacher's output on the clean image: the student learns that an
+additive periodic pattern does not change the class. The teacher's own
+(backdoored) response to stripes is never distilled.
 """
 from __future__ import annotations
 
@@ -57,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import WeakAugment
+from ..data.augment import WeakAugment, random_grating
 from ..data.dataset import ImageDataset
 from ..errors import UnbackdoorError, unknown_name
 from ..training.engine import Engine, EngineOptions, checkpoint_precision
@@ -88,6 +100,8 @@ class BCUConfig:
     t_start: float = 1.0  # distillation temperature, ramped linearly per epoch ...
     t_end: float = 4.0  # ... reaching t_end at the last epoch (reference: T_e = 1 + 3 (e+1) / E)
     augment: bool = True  # random crop (pad = side/8) + horizontal flip where the data allows it
+    grating: float = 0.5  # not in the paper: max amplitude of a random grating on the *student's* input (0: off) ...
+    grating_p: float = 0.5  # ... with this probability; the teacher always sees the clean image (module docstring)
     rule: str = "auto"  # layer schedule: auto | stages | depth (module docstring)
     stage_p: tuple[float, ...] = PAPER_STAGE_P  # stem, stage1..4, classifier
     p_scale: float = 1.0  # multiplies every rule-derived p (clamped to 1)
@@ -123,6 +137,10 @@ class BCUConfig:
             raise unknown_name("linear_init", self.linear_init, ("kaiming_fan_out", "default"))
         if self.eval_every < 1:
             raise UnbackdoorError(f"bcu.eval_every must be >= 1, got {self.eval_every}")
+        if not 0.0 <= self.grating <= 1.0:
+            raise UnbackdoorError(f"bcu.grating must be an amplitude in [0, 1], got {self.grating}")
+        if not 0.0 <= self.grating_p <= 1.0:
+            raise UnbackdoorError(f"bcu.grating_p must be a probability in [0, 1], got {self.grating_p}")
 
 
 PRESETS = ("paper", "quick")
@@ -381,10 +399,13 @@ def distill(
             if aug is not None:
                 x = aug(x, gen)
             x = eng.input(x)
+            # Gratings go on the student's copy only: it learns the teacher's answer for the
+            # clean image, i.e. that an additive periodic pattern does not change the class.
+            xs = eng.input(random_grating(x, cfg.grating, cfg.grating_p, gen)) if cfg.grating > 0 else x
             with eng.autocast():
                 with torch.no_grad():
                     t_logits = teacher(x)
-                s_logits = eng.train_model(x)
+                s_logits = eng.train_model(xs)
             loss = F.cross_entropy(s_logits.float(), t_logits.argmax(1)) if pseudo else kd_loss(s_logits, t_logits, T)
             eng.step(loss)
             tot += loss.detach() * len(idx)
