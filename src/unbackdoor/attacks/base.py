@@ -37,6 +37,13 @@ def attack_names() -> list[str]:
     return sorted(_ATTACKS)
 
 
+def attack_class(name: str) -> type["Attack"]:
+    """The registered attack class of ``name`` (clear error listing the valid names)."""
+    if name not in _ATTACKS:
+        raise unknown_name("attack", name, attack_names())
+    return _ATTACKS[name]
+
+
 class Attack:
     """Base class. Subclasses set ``name``, optionally ``clean_label`` and implement
     :meth:`apply` (and :meth:`poison_images` when training-time poisoning differs
@@ -44,6 +51,9 @@ class Attack:
 
     name: ClassVar[str] = "attack"
     clean_label: ClassVar[bool] = False
+    # Epochs the attacked model needs for the backdoor to take (mnist5k / cnn-small, measured
+    # with benchmarks/attacks_table.py); the demo and sweep train at least this long.
+    train_epochs: ClassVar[int] = 12
 
     def __init__(self, shape: tuple[int, int, int], num_classes: int, target: int = 0, mode: str = "all-to-one", seed: int = 0):
         if mode not in MODES:
@@ -179,9 +189,7 @@ def check_rate(rate: float) -> None:
 def make_attack(name: str, shape: tuple[int, int, int], num_classes: int, target: int = 0, mode: str = "all-to-one",
                 seed: int = 0, **params: Any) -> Attack:
     """Build an attack by registry name for images of ``shape`` (C, H, W)."""
-    if name not in _ATTACKS:
-        raise unknown_name("attack", name, attack_names())
-    cls = _ATTACKS[name]
+    cls = attack_class(name)
     try:
         return cls(shape, num_classes, target=target, mode=mode, seed=seed, **params)
     except TypeError as e:
