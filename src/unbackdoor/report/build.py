@@ -551,9 +551,9 @@ def collect(root: str | os.PathLike, opts: ReportOptions | None = None) -> tuple
     now = _dt.datetime.now().astimezone()
     from .. import __version__
 
-    report = Report(opts.title, f"{len(runs)} runs under {root.resolve()}", sections,
+    report = Report(opts.title, f"{len(runs)} runs under {_shown(root)}", sections,
                     meta={"generated": now.strftime("%Y-%m-%d %H:%M %Z"), "version": __version__})
-    summary = {"root": str(root.resolve()), "generated": now.isoformat(timespec="seconds"), "version": __version__,
+    summary = {"root": _shown(root), "generated": now.isoformat(timespec="seconds"), "version": __version__,
                "groups": summary_groups, "rows": flat, "figures": list(b.figure_names)}
     return report, summary
 
@@ -607,3 +607,12 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
 
 def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _shown(root: Path) -> str:
+    """``root`` as the user would name it: relative to the working directory when it is
+    below it (a published report should not carry the author's home directory)."""
+    try:
+        return str(Path(root).resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(root)

@@ -66,8 +66,9 @@ def accuracy_vs_asr(points: Sequence[dict]) -> bytes:
         gi = groups.index(p["group"])
         ax.scatter(p["clean_accuracy"], p["attack_success_rate"], s=70, marker=markers[gi % len(markers)],
                    color=ROLE_COLORS.get(p["role"], "#edae49"), edgecolor="white", linewidth=1.2, zorder=3)
-        ax.annotate(p["label"], (p["clean_accuracy"], p["attack_success_rate"]), xytext=(6, 4),
-                    textcoords="offset points", fontsize=7.5, color=INK)
+        if len(groups) == 1:  # several attacks: colour (model) + marker (attack) say it; labels would pile up
+            ax.annotate(p["label"], (p["clean_accuracy"], p["attack_success_rate"]), xytext=(6, 4),
+                        textcoords="offset points", fontsize=7.5, color=INK)
     xs = [p["clean_accuracy"] for p in points]
     lo = min(xs + [0.9]) if xs else 0.0
     ax.set_xlim(max(0.0, lo - 0.05), 1.005)
