@@ -97,7 +97,10 @@ def test_checkpoints_load_weights_only_and_never_run_code(tmp_path):
 
 
 def test_precision_probe_returns_a_valid_choice_and_caches_it(tmp_path, monkeypatch):
+    import unbackdoor.training.device as device_mod
+
     monkeypatch.setenv("UNBACKDOOR_CACHE", str(tmp_path))
+    monkeypatch.setattr(device_mod, "_busy", lambda: False)  # the CI machine's load must not decide this test
     torch.manual_seed(0)
     model = create("cnn-small", num_classes=10, in_channels=1, image_size=28)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -118,6 +121,16 @@ def test_precision_probe_returns_a_valid_choice_and_caches_it(tmp_path, monkeypa
         (tmp_path / "probe.json").write_text(damaged)
         assert probe_precision(model, (1, 28, 28), cpu, batch_size=16, steps=1).name in CANDIDATES
         assert json.loads((tmp_path / "probe.json").read_text())[key] in CANDIDATES
+
+
+def test_precision_probe_taken_under_load_is_not_cached(tmp_path, monkeypatch):
+    import unbackdoor.training.device as device_mod
+
+    monkeypatch.setenv("UNBACKDOOR_CACHE", str(tmp_path))
+    monkeypatch.setattr(device_mod, "_busy", lambda: True)
+    model = create("cnn-small", num_classes=10, in_channels=1, image_size=28)
+    assert probe_precision(model, (1, 28, 28), torch.device("cpu"), batch_size=16, steps=1).name in CANDIDATES
+    assert not (tmp_path / "probe.json").exists()  # measured, used, not kept: the next run probes again
 
 
 def test_explicit_precisions():
