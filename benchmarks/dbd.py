@@ -32,18 +32,21 @@ from unbackdoor.data.augment import SimCLRAugment
 from unbackdoor.data.loaders import load_splits
 from unbackdoor.defenses.dbd import MixMatchConfig, ProjectionHead, SimCLRConfig, _SimCLRNet, mixmatch_stage, simclr_stage
 from unbackdoor.models import create
-from unbackdoor.training.device import pick_device, resolve_precision
+from unbackdoor.training.device import Precision, pick_device, resolve_precision
 from unbackdoor.training.engine import EngineOptions
 
 
-def bare(net: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer, steps: int, dev: torch.device) -> float:
-    """Seconds per forward/backward/step on pre-made ``x``."""
+def bare(net: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer, steps: int, dev: torch.device,
+         prec: Precision) -> float:
+    """Seconds per forward/backward/step on pre-made ``x``, in the same precision as the stage."""
     net.train()
     for i in range(steps + 2):
         if i == 2:
             sync(dev)
             t0 = time.perf_counter()
-        loss = net(x).float().square().mean()
+        with prec.autocast(dev):
+            out = net(x)
+        loss = out.float().square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -51,10 +54,10 @@ def bare(net: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer, step
     return (time.perf_counter() - t0) / steps
 
 
-def bare_guess(net: torch.nn.Module, x: torch.Tensor, steps: int, dev: torch.device) -> float:
+def bare_guess(net: torch.nn.Module, x: torch.Tensor, steps: int, dev: torch.device, prec: Precision) -> float:
     """Seconds per no-grad forward (train mode) on pre-made ``x``: MixMatch's label guessing."""
     net.train()
-    with torch.no_grad():
+    with torch.no_grad(), prec.autocast(dev):
         for i in range(steps + 2):
             if i == 2:
                 sync(dev)
@@ -109,9 +112,9 @@ def main() -> int:
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x2 = torch.rand(2 * b1, 1, 28, 28, device=dev).contiguous(memory_format=cl)
     steps1 = len(train) // b1
-    before = bare(net, x2, opt, steps1, dev)
+    before = bare(net, x2, opt, steps1, dev, prec)
     s1 = simclr_stage(model, train, SimCLRConfig(epochs=args.simclr_epochs, batch_size=b1), seed=0, engine=opts)
-    after = bare(net, x2, opt, steps1, dev)
+    after = bare(net, x2, opt, steps1, dev, prec)
     h = s1.history[1:] or s1.history  # the first epoch warms up
     stage1 = sum(steps1 * b1 for _ in h) / sum(r["seconds"] for r in h)
     bare1 = b1 / ((before + after) / 2)
@@ -123,11 +126,11 @@ def main() -> int:
     x3 = torch.rand(3 * b3, 1, 28, 28, device=dev).contiguous(memory_format=cl)
     iters = args.mixmatch_iterations
     xg = x3[: 2 * b3]
-    before = bare(clf, x3, opt, iters // 2, dev)
-    guess_before = bare_guess(clf, xg, iters // 2, dev)
+    before = bare(clf, x3, opt, iters // 2, dev, prec)
+    guess_before = bare_guess(clf, xg, iters // 2, dev, prec)
     s3 = mixmatch_stage(model, train, MixMatchConfig(epochs=2, iterations=iters, batch_size=b3), seed=0, engine=opts)
-    after = bare(clf, x3, opt, iters // 2, dev)
-    guess_after = bare_guess(clf, xg, iters // 2, dev)
+    after = bare(clf, x3, opt, iters // 2, dev, prec)
+    guess_after = bare_guess(clf, xg, iters // 2, dev, prec)
     # the same work as one MixMatch step: fwd/bwd on 3B mixed images + no-grad fwd on 2B to guess labels
     bare3_work = 3 * b3 / ((before + after) / 2 + (guess_before + guess_after) / 2)
     h = s3.history[1:]
