@@ -22,7 +22,6 @@ import os
 import resource
 import statistics
 import sys
-import time
 
 import torch
 
@@ -33,27 +32,22 @@ from unbackdoor.models import create
 from unbackdoor.training.device import pick_device, resolve_precision
 from unbackdoor.training.engine import EngineOptions
 
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+from _timing import seconds_per_step
 
 
 def bare(teacher, student, x: torch.Tensor, steps: int, prec, dev) -> float:
     """Images/s of teacher forward + student forward/backward on a pre-made batch."""
     student.train()
-    for i in range(steps + 2):
-        if i == 2:
-            sync(dev)
-            t0 = time.perf_counter()
+
+    def step() -> None:
         with prec.autocast(dev):
             with torch.no_grad():
                 t = teacher(x)
             s = student(x)
         kd_loss(s, t, 2.0).backward()
         student.zero_grad(set_to_none=True)
-    sync(dev)
-    return steps * len(x) / (time.perf_counter() - t0)
+
+    return len(x) / seconds_per_step(step, steps, dev)
 
 
 def main() -> int:

@@ -35,41 +35,34 @@ from unbackdoor.models import create
 from unbackdoor.training.device import Precision, pick_device, resolve_precision
 from unbackdoor.training.engine import EngineOptions
 
+from _timing import seconds_per_step, sync
+
 
 def bare(net: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer, steps: int, dev: torch.device,
          prec: Precision) -> float:
     """Seconds per forward/backward/step on pre-made ``x``, in the same precision as the stage."""
     net.train()
-    for i in range(steps + 2):
-        if i == 2:
-            sync(dev)
-            t0 = time.perf_counter()
+
+    def step() -> None:
         with prec.autocast(dev):
             out = net(x)
         loss = out.float().square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    sync(dev)
-    return (time.perf_counter() - t0) / steps
+
+    return seconds_per_step(step, steps, dev)
 
 
 def bare_guess(net: torch.nn.Module, x: torch.Tensor, steps: int, dev: torch.device, prec: Precision) -> float:
     """Seconds per no-grad forward (train mode) on pre-made ``x``: MixMatch's label guessing."""
     net.train()
-    with torch.no_grad(), prec.autocast(dev):
-        for i in range(steps + 2):
-            if i == 2:
-                sync(dev)
-                t0 = time.perf_counter()
+
+    def step() -> None:
+        with torch.no_grad(), prec.autocast(dev):
             net(x)
-    sync(dev)
-    return (time.perf_counter() - t0) / steps
 
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    return seconds_per_step(step, steps, dev)
 
 
 def main() -> int:
