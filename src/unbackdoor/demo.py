@@ -187,14 +187,13 @@ def _newer_than(target: Path, sources: list[Path]) -> bool:
 
 
 def _train_config(spec: ExperimentSpec, engine):
+    from .attacks.base import attack_class
     from .training.fit import TrainConfig
-
-    from .attacks import base as attacks
 
     # Both presets train the attacked model the same way: it is the thing being
     # attacked, not a method under test (TrainConfig's defaults suit mnist5k / cnn-small),
     # for as many epochs as the attack needs to take (WaNet: 30).
-    epochs = max(TrainConfig().epochs, attacks.attack_class(spec.attack).train_epochs)
+    epochs = max(TrainConfig().epochs, attack_class(spec.attack).train_epochs)
     return TrainConfig(epochs=epochs, seed=spec.seed, engine=engine)
 
 

@@ -9,9 +9,8 @@ poisoned-data folder fully describes its attack.
 """
 from __future__ import annotations
 
-import warnings
-
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -122,7 +121,7 @@ class Attack:
             # one and learns the trigger as the class (mnist5k, lc at 10%: clean accuracy 0.88).
             warnings.warn(f"{self.name}: rate {rate} asks for {n} samples and poisons all {len(elig)} "
                           f"target-class samples; no clean target-class image is left, so clean accuracy "
-                          f"on the target class will suffer (use a lower rate)", stacklevel=2)
+                          f"on the target class may suffer (use a lower rate)", stacklevel=2)
             n = len(elig)
         if n > len(elig):
             raise UnbackdoorError(f"rate {rate} asks for {n} poisoned samples but only {len(elig)} are eligible")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import UnbackdoorError
+
 
 def _rand(n: int, gen: torch.Generator | None, device, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
@@ -252,6 +254,14 @@ class WeakAugment:
 def weak_augment_for(meta: dict, image_size: int) -> WeakAugment:
     """The usual weak augmentation for a dataset: pad = size/8, flip only where valid."""
     return WeakAugment(padding=max(1, image_size // 8), flip=bool(meta.get("flip", False)))
+
+
+def check_grating(where: str, amplitude: float, p: float) -> None:
+    """Validate the ``grating`` / ``grating_p`` settings of a config section ``where``."""
+    if not 0 <= amplitude <= 1:
+        raise UnbackdoorError(f"{where}.grating must be an amplitude in [0, 1], got {amplitude}")
+    if not 0 <= p <= 1:
+        raise UnbackdoorError(f"{where}.grating_p must be a probability in [0, 1], got {p}")
 
 
 def random_grating(

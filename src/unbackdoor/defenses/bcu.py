@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import WeakAugment, random_grating
+from ..data.augment import WeakAugment, check_grating, random_grating
 from ..data.dataset import ImageDataset
 from ..errors import UnbackdoorError, unknown_name
 from ..training.engine import Engine, EngineOptions, checkpoint_precision
@@ -137,10 +137,7 @@ class BCUConfig:
             raise unknown_name("linear_init", self.linear_init, ("kaiming_fan_out", "default"))
         if self.eval_every < 1:
             raise UnbackdoorError(f"bcu.eval_every must be >= 1, got {self.eval_every}")
-        if not 0.0 <= self.grating <= 1.0:
-            raise UnbackdoorError(f"bcu.grating must be an amplitude in [0, 1], got {self.grating}")
-        if not 0.0 <= self.grating_p <= 1.0:
-            raise UnbackdoorError(f"bcu.grating_p must be a probability in [0, 1], got {self.grating_p}")
+        check_grating("bcu", self.grating, self.grating_p)
 
 
 PRESETS = ("paper", "quick")

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import SimCLRAugment, WeakAugment, random_grating
+from ..data.augment import SimCLRAugment, WeakAugment, check_grating, random_grating
 from ..data.dataset import ImageDataset
 from ..errors import UnbackdoorError, unknown_name
 from ..models.io import last_linear, penultimate_features, unwrap
@@ -114,7 +114,7 @@ class SimCLRConfig:
                   temperature=self.temperature, projection_dim=self.projection_dim)
         if self.batch_size < 2:
             raise UnbackdoorError(f"simclr.batch_size must be >= 2 (NT-Xent needs negatives), got {self.batch_size}")
-        _grating("simclr", self.grating, self.grating_p)
+        check_grating("simclr", self.grating, self.grating_p)
 
 
 @dataclass
@@ -167,7 +167,7 @@ class LinearConfig:
             raise unknown_name("stage-2 guard", self.guard, GUARDS)
         _fraction("linear.epsilon", self.epsilon)
         _fraction("linear.guard_tail", self.guard_tail)
-        _grating("linear", self.grating, self.grating_p)
+        check_grating("linear", self.grating, self.grating_p)
 
 
 @dataclass
@@ -200,7 +200,7 @@ class MixMatchConfig:
             raise UnbackdoorError(f"mixmatch.class_floor must be in [0, epsilon={self.epsilon}], got {self.class_floor}")
         if self.lambda_u < 0:
             raise UnbackdoorError(f"mixmatch.lambda_u must be >= 0, got {self.lambda_u}")
-        _grating("mixmatch", self.grating, self.grating_p)
+        check_grating("mixmatch", self.grating, self.grating_p)
 
 
 @dataclass
@@ -241,13 +241,6 @@ def _positive(where: str, **values: float) -> None:
     for k, v in values.items():
         if not v > 0:
             raise UnbackdoorError(f"{where}.{k} must be > 0, got {v}")
-
-
-def _grating(where: str, amplitude: float, p: float) -> None:
-    if not 0 <= amplitude <= 1:
-        raise UnbackdoorError(f"{where}.grating must be an amplitude in [0, 1], got {amplitude}")
-    if not 0 <= p <= 1:
-        raise UnbackdoorError(f"{where}.grating_p must be a probability in [0, 1], got {p}")
 
 
 def _fraction(where: str, v: float) -> None:
@@ -522,10 +515,8 @@ def split_by_loss(model: nn.Module, train: ImageDataset, eps: float = 0.5, alpha
         for c in labels.unique():
             of_c = order[labels == c]
             kept[of_c[: math.ceil(class_floor * len(of_c))]] = True
-        rest = order[~kept[order]]
-        kept[rest[: max(0, k - int(kept.sum()))]] = True
-    else:
-        kept[order[:k]] = True
+    rest = order[~kept[order]]  # the rest of the budget by global loss
+    kept[rest[: max(0, k - int(kept.sum()))]] = True
     return Split(losses, kept)
 
 

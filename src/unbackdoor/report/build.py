@@ -114,6 +114,15 @@ def _rel(p: Path, root: Path) -> str:
     return "." if r == "." else r
 
 
+def _shown(root: Path) -> str:
+    """``root`` as the user would name it: relative to the working directory when it is
+    below it (a published report should not carry the author's home directory)."""
+    try:
+        return str(Path(root).resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(root)
+
+
 def _seconds(m: dict) -> float | None:
     """Training time of a run: a number under a *seconds key, or ``seconds: {total: ...}`` (DBD)."""
     for k in ("total_seconds", "seconds", "train_seconds", "distill_seconds", "wall_seconds"):
@@ -607,12 +616,3 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
 
 def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _shown(root: Path) -> str:
-    """``root`` as the user would name it: relative to the working directory when it is
-    below it (a published report should not carry the author's home directory)."""
-    try:
-        return str(Path(root).resolve().relative_to(Path.cwd().resolve())) or "."
-    except ValueError:
-        return str(root)
