@@ -43,10 +43,8 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator | None = Non
     xp = F.pad(x, (padding, padding, padding, padding))
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=x.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=x.device)
-    iy = (torch.arange(h, device=x.device)[None, :] + dy[:, None])  # (n, h) source rows
-    ix = (torch.arange(w, device=x.device)[None, :] + dx[:, None])  # (n, w) source cols
-    rows = xp.gather(2, iy[:, None, :, None].expand(n, c, h, xp.shape[3]))
-    return rows.gather(3, ix[:, None, None, :].expand(n, c, h, w))
+    windows = xp.unfold(2, h, 1).unfold(3, w, 1)  # (n, c, 2p+1, 2p+1, h, w) views, no copy
+    return windows[torch.arange(n, device=x.device), :, dy, dx]  # (n, c, h, w): one gather
 
 
 def hflip(x: torch.Tensor, p: float = 0.5, gen: torch.Generator | None = None) -> torch.Tensor:

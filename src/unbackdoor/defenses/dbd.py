@@ -58,6 +58,7 @@ the same model as an uninterrupted one (same device and precision).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -76,6 +77,7 @@ from ..data.augment import SimCLRAugment, WeakAugment, check_grating, random_gra
 from ..data.dataset import ImageDataset
 from ..errors import UnbackdoorError, unknown_name
 from ..models.io import last_linear, penultimate_features, unwrap
+from ..training.device import Precision
 from ..training.distributed import DistContext, broadcast_buffers, current_context, gather_sharded, run_on_main, shard_indices
 from ..training.engine import Engine, EngineOptions, checkpoint_precision
 from ..training.progress import Progress
@@ -463,8 +465,11 @@ class Split:
 
 @torch.no_grad()
 def sample_losses(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta: float = 1.0,
-                  batch_size: int = 512, dist: DistContext | None = None) -> torch.Tensor:
+                  batch_size: int = 512, dist: DistContext | None = None,
+                  precision: Precision | None = None) -> torch.Tensor:
     """Per-sample SCE loss of ``model`` (eval mode, no augmentation) on ``data``: float (N,) on CPU.
+    ``precision`` (the stage's, e.g. bf16 autocast + channels_last) makes the forward
+    passes run like the training ones; None = fp32.
 
     With an enabled ``dist`` (a collective: every rank calls it) each rank scores its
     share ``idx[rank::world]`` with rank 0's BatchNorm statistics and the losses are
@@ -480,8 +485,12 @@ def sample_losses(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta
         for i in range(0, len(idx), batch_size):
             j = idx[i : i + batch_size]
             x = data.images[j].to(dev).float().div_(255)
+            if precision is not None and precision.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = data.labels[j].to(dev)
-            out.append(symmetric_cross_entropy(model(x), y, alpha, beta, reduction="none").cpu())
+            with precision.autocast(dev) if precision is not None else contextlib.nullcontext():
+                logits = model(x)
+            out.append(symmetric_cross_entropy(logits.float(), y, alpha, beta, reduction="none").cpu())
     finally:
         model.train(was_training)
     local = torch.cat(out) if out else torch.zeros(0)
@@ -491,7 +500,8 @@ def sample_losses(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta
 
 
 def split_by_loss(model: nn.Module, train: ImageDataset, eps: float = 0.5, alpha: float = 0.1, beta: float = 1.0,
-                  batch_size: int = 512, dist: DistContext | None = None, class_floor: float = 0.0) -> Split:
+                  batch_size: int = 512, dist: DistContext | None = None, class_floor: float = 0.0,
+                  precision: Precision | None = None) -> Split:
     """DBD's split: the fraction ``eps`` of ``train`` with the lowest SCE loss is
     high-credible (keeps its label); the rest is treated as unlabelled.
     Ties are broken by index (a stable sort), so the split is deterministic.
@@ -506,7 +516,7 @@ def split_by_loss(model: nn.Module, train: ImageDataset, eps: float = 0.5, alpha
     _fraction("epsilon", eps)
     if not 0.0 <= class_floor <= eps:
         raise UnbackdoorError(f"class_floor must be in [0, epsilon={eps}], got {class_floor}")
-    losses = sample_losses(model, train, alpha, beta, batch_size, dist)
+    losses = sample_losses(model, train, alpha, beta, batch_size, dist, precision)
     k = int(len(losses) * eps)
     order = torch.sort(losses, stable=True).indices
     kept = torch.zeros(len(losses), dtype=torch.bool)
@@ -598,7 +608,8 @@ def linear_stage(
                 bar.update(len(idx) * eng.dist.world_size)
             rec = {"epoch": epoch + 1, "loss": float(tot) / steps, "train_accuracy": float(correct) / (steps * bs),
                    "images_per_second": bar.images_per_second}
-            split = split_by_loss(model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist)
+            split = split_by_loss(model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist,
+                                  precision=eng.precision)
             rec.update({f"split_{k}": v for k, v in split.quality(train.poisoned, cfg.guard_tail).items()})
             rec["seconds"] = time.perf_counter() - bar.t0
             if cfg.guard == "loss-gap" and epoch + 1 >= cfg.guard_min_epoch:
@@ -684,7 +695,7 @@ def mixmatch_stage(
     for epoch in range(start, cfg.epochs):
         t_epoch = time.perf_counter()
         split = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist,
-                              cfg.class_floor)
+                              cfg.class_floor, eng.precision)
         kept = split.kept.to(eng.device)
         lab_pool, unl_pool = torch.nonzero(kept).flatten(), torch.nonzero(~kept).flatten()
         if len(lab_pool) == 0 or len(unl_pool) == 0:
@@ -732,7 +743,7 @@ def mixmatch_stage(
             on_epoch(rec)
     eng.model.eval()
     final = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist,
-                          cfg.class_floor)
+                          cfg.class_floor, eng.precision)
     return StageResult(eng.model, history, _seconds(history), eng.precision.name, {"split": final})
 
 
@@ -849,7 +860,7 @@ def run_dbd(
     if test is not None and ctx.is_main:
         metrics["after_stage2"] = evaluate(model, test, attack, cfg.eval_batch_size)
     split2 = split_by_loss(model, train, cfg.mixmatch.epsilon, cfg.mixmatch.sce_alpha, cfg.mixmatch.sce_beta,
-                           cfg.eval_batch_size, ctx, cfg.mixmatch.class_floor)
+                           cfg.eval_batch_size, ctx, cfg.mixmatch.class_floor, Precision.parse(s2.precision))
     ev = None
     if test is not None:
         ev = lambda m: {k: v for k, v in evaluate(m, test, attack, cfg.eval_batch_size).items() if not k.startswith("n_")}  # noqa: E731
