@@ -14,8 +14,20 @@ Perturbation: ``norm="linf"`` with ``eps`` 16/255 for colour images (the
 paper's CIFAR setting). On digits an L-inf perturbation covers the exactly-black
 background with speckle noise, a shortcut feature the network learns instead
 of the trigger (measured: ASR 0.06, clean accuracy 0.88 on mnist5k), so
-1-channel images default to ``norm="l2"``, ``eps=3.0``, which concentrates the
+1-channel images default to ``norm="l2"``, ``eps=1.0``, which concentrates the
 change on the strokes.
+
+Trigger strength in training (``train_amplitude``): a number is the paper's
+reduced-amplitude variant (fainter in training, full strength at test); a pair
+``(lo, hi)`` draws each poisoned image's amplitude uniformly from it. Colour
+images default to 1.0 (the paper); 1-channel images to ``(0.15, 1.0)``. Reason:
+at 10% of mnist5k a clean-label attack poisons *every* target-class training
+image, and a full-strength trigger (or ``eps`` 3) on all of them teaches
+"zero = trigger": clean test zeros are then missed and clean accuracy falls
+to 0.88 (ASR 1.0) whatever the perturbation. Faint-trigger zeros keep the digit
+shape learnable, strong-trigger zeros keep the trigger learnable: over 9 runs
+(3 training seeds x 2 poison seeds + 3 more seeds, 16 epochs) clean accuracy
+0.941-0.976, ASR 0.90-1.00 (README, attacks table).
 """
 from __future__ import annotations
 
@@ -68,27 +80,38 @@ def pgd_away(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     return (x + delta).clamp(0, 1).detach()
 
 
+def _amplitude_range(a) -> tuple[float, float]:
+    """``train_amplitude`` as (lo, hi): a number a is (a, a); both ends in (0, 1], lo <= hi."""
+    try:
+        lo, hi = (a, a) if isinstance(a, (int, float)) else tuple(a)
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise UnbackdoorError(f"lc train_amplitude must be a number or a [lo, hi] pair, got {a!r}") from None
+    if not 0 < lo <= hi <= 1:
+        raise UnbackdoorError(f"lc train_amplitude must lie in (0, 1] with lo <= hi, got {a!r}")
+    return lo, hi
+
+
 @register
 class LabelConsistent(Attack):
     name = "lc"
     clean_label = True
+    train_epochs = 16  # with the varied training amplitude (mnist5k, 10%): ASR 0.81-1.0 after 12 epochs, 0.90-1.0 after 16
 
     def __init__(self, shape, num_classes, target=0, mode="all-to-one", seed=0, eps: float | None = None,
                  norm: str | None = None, pgd_steps: int = 10, patch_size: int | None = None, surrogate_epochs: int = 6,
-                 surrogate_model: str = "cnn-small", train_amplitude: float = 1.0):
+                 surrogate_model: str = "cnn-small", train_amplitude: float | tuple[float, float] | None = None):
         super().__init__(shape, num_classes, target, mode, seed)
         gray = self.shape[0] == 1
         self.norm = norm or ("l2" if gray else "linf")
         if self.norm not in ("linf", "l2"):
             raise UnbackdoorError(f"lc norm must be 'linf' or 'l2', got {self.norm!r}")
-        self.eps = float(eps) if eps is not None else ((3.0 if gray else 1.0) if self.norm == "l2" else 16 / 255)
+        self.eps = float(eps) if eps is not None else (1.0 if self.norm == "l2" else 16 / 255)
         if self.eps < 0 or (self.norm == "linf" and self.eps > 1):
             raise UnbackdoorError(f"lc eps must be in [0, 1] for linf (>= 0 for l2), got {self.eps}")
         self.pgd_steps, self.patch_size = int(pgd_steps), int(patch_size if patch_size is not None else (4 if gray else 3))
-        if not 0 < train_amplitude <= 1:
-            raise UnbackdoorError(f"lc train_amplitude must be in (0, 1], got {train_amplitude}")
-        # The paper's reduced-amplitude variant: a fainter trigger in training, full strength at test.
-        self.train_amplitude = float(train_amplitude)
+        self.train_amplitude = _amplitude_range((0.15, 1.0) if gray else 1.0) if train_amplitude is None \
+            else _amplitude_range(train_amplitude)
         self.surrogate_epochs, self.surrogate_model = int(surrogate_epochs), surrogate_model
         self.pattern, self.mask = corner_checkerboard(self.shape, self.patch_size)
         self.surrogate: torch.nn.Module | None = None
@@ -117,11 +140,12 @@ class LabelConsistent(Attack):
         for i in range(0, len(images), 256):
             x = to_float(images[i : i + 256])
             adv = pgd_away(model, x, labels[i : i + 256], self.eps, self.pgd_steps, gen=gen, norm=self.norm)
-            trig = self.apply(adv)
-            out.append(to_uint8(adv + self.train_amplitude * (trig - adv)))
+            lo, hi = self.train_amplitude
+            amp = (lo + (hi - lo) * torch.rand(len(x), generator=gen)).view(-1, 1, 1, 1) if hi > lo else lo
+            out.append(to_uint8(adv + amp * (self.apply(adv) - adv)))
         return torch.cat(out)
 
     def params(self):
         return {"eps": self.eps, "norm": self.norm, "pgd_steps": self.pgd_steps, "patch_size": self.patch_size,
                 "surrogate_epochs": self.surrogate_epochs, "surrogate_model": self.surrogate_model,
-                "train_amplitude": self.train_amplitude}
+                "train_amplitude": list(self.train_amplitude)}
