@@ -130,6 +130,18 @@ def _find_dir(root: Path, candidates: list[str], marker: str) -> Path:
     raise UnbackdoorError(f"could not find {marker!r} under {root} (looked in {candidates + ['.']})")
 
 
+def _cifar_names(meta: Path, key: str, count: int) -> list[str]:
+    """Class names from a CIFAR meta pickle, or "0".."count-1" when it is absent."""
+    if not meta.exists():
+        return [str(i) for i in range(count)]
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in _key(_read_pickle(meta), key)]
+
+
+def _cifar_pair(name: str, base: Path, x, y, xt, yt, names: list[str]) -> tuple[ImageDataset, ImageDataset]:
+    return (ImageDataset.from_arrays(x, y, names, name=f"{name}-train", source=str(base)),
+            ImageDataset.from_arrays(xt, yt, names, name=f"{name}-test", source=str(base)))
+
+
 def load_cifar10(root: str | os.PathLike) -> tuple[ImageDataset, ImageDataset]:
     """CIFAR-10 from the standard python pickle batches (``cifar-10-batches-py``)."""
     base = _find_dir(Path(root), ["cifar-10-batches-py"], "data_batch_1")
@@ -137,13 +149,7 @@ def load_cifar10(root: str | os.PathLike) -> tuple[ImageDataset, ImageDataset]:
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     xt, yt = _cifar_batch(base / "test_batch", "labels")
-    names = [str(i) for i in range(10)]
-    if (base / "batches.meta").exists():
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in _key(_read_pickle(base / "batches.meta"), "label_names")]
-    return (
-        ImageDataset.from_arrays(x, y, names, name="cifar10-train", source=str(base)),
-        ImageDataset.from_arrays(xt, yt, names, name="cifar10-test", source=str(base)),
-    )
+    return _cifar_pair("cifar10", base, x, y, xt, yt, _cifar_names(base / "batches.meta", "label_names", 10))
 
 
 def load_cifar100(root: str | os.PathLike) -> tuple[ImageDataset, ImageDataset]:
@@ -151,13 +157,7 @@ def load_cifar100(root: str | os.PathLike) -> tuple[ImageDataset, ImageDataset]:
     base = _find_dir(Path(root), ["cifar-100-python"], "train")
     x, y = _cifar_batch(base / "train", "fine_labels")
     xt, yt = _cifar_batch(base / "test", "fine_labels")
-    names = [str(i) for i in range(100)]
-    if (base / "meta").exists():
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in _key(_read_pickle(base / "meta"), "fine_label_names")]
-    return (
-        ImageDataset.from_arrays(x, y, names, name="cifar100-train", source=str(base)),
-        ImageDataset.from_arrays(xt, yt, names, name="cifar100-test", source=str(base)),
-    )
+    return _cifar_pair("cifar100", base, x, y, xt, yt, _cifar_names(base / "meta", "fine_label_names", 100))
 
 
 # ---------------------------------------------------------------------------- folders

@@ -19,6 +19,7 @@ from ..metrics import der as der_score
 from ..metrics import detection_scores
 from . import figures
 from .content import Cards, Cell, Details, Figure, Note, Report, Section, Table, asr_tone, num, pct
+from .features import embed_2d, features_of, load_run_model, poisoned_neighbours, predict_labels, subsample
 from .runs import DataRun, ModelRun, before_metrics, discover, read_detection, sort_runs, stage_metrics
 
 TABLE_COLUMNS = ["Model", "Clean accuracy", "ASR", "Robust accuracy", "DER", "Time", "Run"]
@@ -177,86 +178,6 @@ def _table_for(rows: list[dict], root: Path, caption: str = "") -> Table:
     return Table(list(TABLE_COLUMNS), out, caption, name="results")
 
 
-# ---------------------------------------------------------------------------- model-based figures
-def _load(run: ModelRun, device: str):
-    from ..models.io import load_model
-
-    try:
-        return load_model(run.path, device=device)
-    except UnbackdoorError:
-        return None
-
-
-@torch.no_grad()
-def _predict(model, images_u8: torch.Tensor) -> torch.Tensor:
-    from ..metrics import predict
-
-    return predict(model, images_u8, batch_size=256)
-
-
-@torch.no_grad()
-def _features(model, images_u8: torch.Tensor, batch: int = 256) -> np.ndarray:
-    from ..models.io import penultimate_features
-
-    dev = next(model.parameters()).device
-    out = [penultimate_features(model, images_u8[i : i + batch].to(dev).float().div_(255)).flatten(1).float().cpu()
-           for i in range(0, len(images_u8), batch)]
-    return torch.cat(out).numpy()
-
-
-def _unit(feats: np.ndarray) -> np.ndarray:
-    # L2-normalised, not standardised per dimension: standardising gives the many
-    # shape dimensions the weight of the few the trigger drives, and hid the poisoned
-    # cluster of a backdoored cnn-small (poisoned neighbours of poisoned samples:
-    # 0.80 on unit vectors, 0.35 standardised; measured on the demo's model).
-    x = feats.astype(np.float32)
-    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
-
-
-def poisoned_neighbours(feats: np.ndarray, poisoned: np.ndarray, k: int = 10) -> float | None:
-    """Mean fraction of poisoned samples among the ``k`` nearest neighbours (cosine) of each
-    poisoned sample: high when the features cluster the poisoned samples together; the
-    poisoning rate is chance."""
-    from sklearn.neighbors import NearestNeighbors
-
-    poisoned = np.asarray(poisoned, dtype=bool)
-    if poisoned.sum() < 2 or len(feats) <= k:
-        return None
-    x = _unit(feats)
-    _, ind = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x[poisoned])
-    return float(poisoned[ind[:, 1:]].mean())
-
-
-def embed_2d(feats: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D embedding of features (N, D): UMAP when installed, else t-SNE (after PCA to 50 dims)."""
-    from sklearn.decomposition import PCA
-
-    x = _unit(feats)
-    if x.shape[1] > 50 and len(x) > 50:
-        x = PCA(n_components=50, random_state=seed).fit_transform(x)
-    try:
-        import umap  # type: ignore[import-not-found]
-
-        return umap.UMAP(n_components=2, random_state=seed).fit_transform(x), "UMAP"
-    except ImportError:
-        pass
-    from sklearn.manifold import TSNE
-
-    from threadpoolctl import threadpool_limits
-
-    perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
-    # One thread: on a shared 2-core machine OpenMP spin-waiting made t-SNE ~3x slower (measured: 31 s vs 10.5 s).
-    with threadpool_limits(limits=1):
-        return tsne.fit_transform(x), "t-SNE"
-
-
-def _subsample(n: int, k: int, seed: int) -> np.ndarray:
-    if k >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-
-
 # ---------------------------------------------------------------------------- history
 def history_stages(h: Any, name: str = "training") -> dict[str, list[dict]]:
     """Normalise a history.json into ``{stage: [per-epoch dict, ...]}``.
@@ -302,7 +223,7 @@ class _Builder:
 
     def model(self, run: ModelRun):
         if run.path not in self.models:
-            self.models[run.path] = _load(run, self.opts.device) if run.has_model else None
+            self.models[run.path] = load_run_model(run, self.opts.device) if run.has_model else None
         return self.models[run.path]
 
     def fig(self, name: str, png: bytes, alt: str = "", caption: str = "") -> Figure:
@@ -363,7 +284,7 @@ class _Builder:
             m = self.model(run)
             if m is None:
                 continue
-            pc, pt = _predict(m, clean_u8), _predict(m, trig_u8)
+            pc, pt = predict_labels(m, clean_u8), predict_labels(m, trig_u8)
             row = [Cell(run.label)]
             for j in range(len(picks)):
                 hit_t = int(pt[j]) == int(tgt[j])
@@ -442,7 +363,7 @@ class _Builder:
         train = g.dataset("train")
         if k <= 0 or not runs or train is None:
             return []
-        idx = _subsample(len(train), k, self.opts.seed)
+        idx = subsample(len(train), k, self.opts.seed)
         imgs = train.images[idx]
         true = (train.true_labels if train.true_labels is not None else train.labels)[idx].numpy()
         pois = train.poisoned[idx].numpy() if train.poisoned is not None else np.zeros(len(idx), bool)
@@ -452,7 +373,7 @@ class _Builder:
             if m is None:
                 continue
             t0 = time.perf_counter()
-            feats = _features(m, imgs)
+            feats = features_of(m, imgs)
             xy, method = embed_2d(feats, self.opts.seed)
             nb = poisoned_neighbours(feats, pois)
             run.extra["poisoned_neighbours"] = nb
