@@ -5,7 +5,6 @@ GTSRB and image folders are read from the user's local files.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import pickle
 from dataclasses import dataclass

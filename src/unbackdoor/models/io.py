@@ -6,7 +6,6 @@ the architecture is rebuilt from our registry by name.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
