@@ -28,11 +28,11 @@ class SimCLRConfig:
     temperature: float = 0.5
     projection_dim: int = 128
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area fraction
-    noise: bool = True  # not in the paper: random brightness offset + Gaussian noise per view (module docstring)
+    noise: bool = True  # not in the paper: random brightness offset + Gaussian noise per view (docstring of defenses/dbd.py)
     noise_offset: float = 0.2
     noise_std: float = 0.05
     grating: float = 0.5  # not in the paper: max amplitude of a random grating added to a view (0: off) ...
-    grating_p: float = 0.5  # ... with this probability (module docstring)
+    grating_p: float = 0.5  # ... with this probability (docstring of defenses/dbd.py)
 
     def validate(self) -> None:
         _positive("simclr", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
@@ -131,7 +131,7 @@ class MixMatchConfig:
 @dataclass
 class DBDConfig:
     """All of DBD. Defaults = the paper's settings plus the two robustness additions
-    (module docstring). Override from YAML with :func:`unbackdoor.config.load_config`."""
+    (docstring of defenses/dbd.py). Override from YAML with :func:`unbackdoor.config.load_config`."""
 
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
