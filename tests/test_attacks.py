@@ -192,17 +192,28 @@ def test_bad_attack_arguments_are_clear(trigger_files, small_train, tmp_path):
 
 
 def test_lc_training_amplitude_is_fixed_or_varied_per_image(attack_for, small_train):
-    """A number gives every poisoned image the same trigger strength; a [lo, hi] pair
-    (the 1-channel default) a strength drawn per image, seen in the corner pixels."""
+    """A number gives every poisoned image the same trigger strength; a [lo, hi] pair a
+    strength drawn per image, seen in the corner pixels. On 1-channel images the
+    default is full strength (eps 3) while clean target images remain, and [0.15, 1]
+    (eps 1) when the rate poisons the whole target class (100 of 100 here)."""
     def corner(ds, mask):  # the top-left corner checkerboard's white pixel, per poisoned image
         return ds.images[mask][:, 0, 0, 0].float() / 255
-    fixed, m1 = attack_for("lc", target=TARGET, train_amplitude=1.0).poison(small_train, 0.05, seed=0)
-    assert torch.all(corner(fixed, m1) == 1.0)
-    varied_atk = attack_for("lc", target=TARGET)
-    assert varied_atk.params()["train_amplitude"] == [0.15, 1.0]
-    varied, m2 = varied_atk.poison(small_train, 0.05, seed=0)
-    c = corner(varied, m2)  # the clean corner pixel is black (0), so this is the amplitude
+    partial_atk = attack_for("lc", target=TARGET)
+    partial, m1 = partial_atk.poison(small_train, 0.05, seed=0)  # 50 of the 100 target images
+    assert torch.all(corner(partial, m1) == 1.0)
+    assert partial_atk.params()["train_amplitude"] == [1.0, 1.0] and partial_atk.params()["eps"] == 3.0
+    whole_atk = attack_for("lc", target=TARGET)
+    whole, m2 = whole_atk.poison(small_train, 0.1, seed=0)  # all 100
+    assert int(m2.sum()) == 100
+    assert whole_atk.params()["train_amplitude"] == [0.15, 1.0] and whole_atk.params()["eps"] == 1.0
+    c = corner(whole, m2)  # the clean corner pixel is black (0), so this is the amplitude
     assert c.min() >= 0.15 - 1 / 255 and c.max() <= 1.0 and c.std() > 0.15
+    # explicit values win over both defaults
+    fixed_atk = attack_for("lc", target=TARGET, train_amplitude=[0.4, 0.6], eps=2.0)
+    fixed, m3 = fixed_atk.poison(small_train, 0.1, seed=0)
+    assert fixed_atk.params()["train_amplitude"] == [0.4, 0.6] and fixed_atk.params()["eps"] == 2.0
+    c = corner(fixed, m3)
+    assert c.min() >= 0.4 - 1 / 255 and c.max() <= 0.6 + 1 / 255
 
 
 # ---------------------------------------------------------------------------- the backdoor is real
@@ -211,8 +222,9 @@ def test_lc_training_amplitude_is_fixed_or_varied_per_image(attack_for, small_tr
 # ASR 0.86 WaNet, 1.0 SIG, 0.90 LC): the defaults of WaNet (s=0.5 with noise mode:
 # ~30 epochs, benchmarks/attacks_table.py) and SIG (training delta 40/255: ASR 0.27
 # here) need far longer training on mnist5k. LC's surrogate gets 2 epochs instead of 6,
-# and LC runs at full training amplitude with eps 3 (its 1-channel defaults, eps 1 and
-# an amplitude varied over [0.15, 1], are tuned for 16 epochs: ASR 0.73 here).
+# and LC runs at full training amplitude with eps 3 (at this rate it poisons every
+# target image, where its 1-channel default is eps 1 with an amplitude varied over
+# [0.15, 1], tuned for 16 epochs: ASR 0.73 here).
 LEARNABLE = {
     "badnets": {},
     "blended": {},
