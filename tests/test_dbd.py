@@ -331,6 +331,8 @@ def test_presets_and_config_errors():
         override(dbd_preset("quick"), {"mixmatch": {"epsilon": 1.0}}).validate()
     with pytest.raises(UnbackdoorError, match="simclr.grating"):
         override(dbd_preset("quick"), {"simclr": {"grating": 2.0}}).validate()
+    with pytest.raises(UnbackdoorError, match="mixmatch.patches"):
+        override(dbd_preset("quick"), {"mixmatch": {"patches": 1.5}}).validate()
 
 
 def test_random_grating_is_a_bounded_per_sample_sinusoid():
@@ -343,3 +345,20 @@ def test_random_grating_is_a_bounded_per_sample_sinusoid():
     assert 0 < int(changed.sum()) < 64  # p = 0.5: some images, not all
     assert float(delta.abs().max()) <= 0.3 + 1e-6 and out.min() >= 0 and out.max() <= 1
     assert delta[changed].mean(1).abs().max() < 0.1  # zero-mean oscillation, not an offset
+
+
+def test_random_patches_paste_binary_squares_on_some_images():
+    from unbackdoor.data.augment import random_patches
+
+    x = torch.full((200, 1, 28, 28), 0.5)
+    out = random_patches(x, p=0.5, gen=torch.Generator().manual_seed(0))
+    changed = (out != x).flatten(1)
+    hit = changed.any(1)
+    assert 60 < int(hit.sum()) < 140  # p = 0.5
+    assert set(out[out != x].unique().tolist()) <= {0.0, 1.0}  # salt and pepper only
+    # at most 4 squares of side <= 6: at most 4 * 36 pixels per image, at least one 2x2 square
+    area = (out != 0.5).flatten(1).sum(1)[hit]
+    assert int(area.max()) <= 4 * 36 and int(area.min()) >= 1
+    assert torch.equal(out, random_patches(x, p=0.5, gen=torch.Generator().manual_seed(0)))  # seeded
+    assert torch.equal(random_patches(x, p=0.0, gen=torch.Generator().manual_seed(0)), x)
+

@@ -205,6 +205,43 @@ def random_noise(
     return (x + off + noise).clamp(0, 1)
 
 
+def check_patches(where: str, p: float) -> None:
+    """Validate the ``patches`` setting (a probability) of a config section ``where``."""
+    if not 0 <= p <= 1:
+        raise UnbackdoorError(f"{where}.patches must be a probability in [0, 1], got {p}")
+
+
+def random_patches(
+    x: torch.Tensor,
+    p: float = 0.5,
+    count: int = 4,
+    size: tuple[float, float] = (0.07, 0.22),
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Paste up to ``count`` random binary (salt-and-pepper) squares on each image with
+    probability ``p``: each square's side is a fraction in ``size`` of the image side
+    (rounded, >= 2 px: 2-6 px on 28x28), its position uniform; overlapping squares merge.
+
+    Not in the DBD or MixMatch papers. DBD's addition against clean-label patch
+    triggers (docs/results_dbd.md): a Label-Consistent poison keeps its correct label
+    and its loss is low, so it stays labelled and MixMatch learns its corner patch
+    as the target class; random local patches on images of every class make such a
+    patch uninformative (mnist5k LC at 10%: ASR 0.14-0.35 -> 0.006-0.009).
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+    on = _rand(n, gen, dev) < p
+    lo, hi = (max(2, round(f * min(h, w))) for f in size)  # integer sides: 2-6 px on 28x28, 2-7 on 32x32
+    s = (lo + _rand(n * count, gen, dev) * (hi + 1 - lo)).floor().clamp(max=min(h, w)).view(n, count, 1, 1)
+    r = (_rand(n * count, gen, dev) * (h - s.view(-1) + 1)).floor().view(n, count, 1, 1)
+    q = (_rand(n * count, gen, dev) * (w - s.view(-1) + 1)).floor().view(n, count, 1, 1)
+    rows = torch.arange(h, device=dev).view(1, 1, h, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, 1, w)
+    inside = ((rows >= r) & (rows < r + s) & (cols >= q) & (cols < q + s)).any(1, keepdim=True)
+    pattern = (torch.rand((n, c, h, w), generator=gen, device=dev) < 0.5).to(x.dtype)
+    return torch.where(inside & _bcast(on), pattern, x)
+
+
 @dataclass
 class SimCLRAugment:
     """One SimCLR view (DESIGN.md stage 1): RandomResizedCrop(0.2-1), optional flip,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..data.augment import check_grating
+from ..data.augment import check_grating, check_patches
 from ..errors import UnbackdoorError, unknown_name
 from ..training.engine import EngineOptions
 
@@ -116,6 +116,7 @@ class MixMatchConfig:
     augment: bool = True  # random crop (pad = side/8) + flip where the data allows it, + gratings
     grating: float = 0.5  # random-grating amplitude (0: off), as in SimCLRConfig
     grating_p: float = 0.5
+    patches: float = 0.5  # not in the paper: probability of random binary patches on an image (0: off; docstring of defenses/dbd.py)
 
     def validate(self) -> None:
         _positive("mixmatch", epochs=self.epochs, iterations=self.iterations, batch_size=self.batch_size,
@@ -126,6 +127,7 @@ class MixMatchConfig:
         if self.lambda_u < 0:
             raise UnbackdoorError(f"mixmatch.lambda_u must be >= 0, got {self.lambda_u}")
         check_grating("mixmatch", self.grating, self.grating_p)
+        check_patches("mixmatch", self.patches)
 
 
 @dataclass
