@@ -232,14 +232,16 @@ def random_patches(
     dev = x.device
     on = _rand(n, gen, dev) < p
     lo, hi = (max(2, round(f * min(h, w))) for f in size)  # integer sides: 2-6 px on 28x28, 2-7 on 32x32
-    s = (lo + _rand(n * count, gen, dev) * (hi + 1 - lo)).floor().clamp(max=min(h, w)).view(n, count, 1, 1)
-    r = (_rand(n * count, gen, dev) * (h - s.view(-1) + 1)).floor().view(n, count, 1, 1)
-    q = (_rand(n * count, gen, dev) * (w - s.view(-1) + 1)).floor().view(n, count, 1, 1)
-    rows = torch.arange(h, device=dev).view(1, 1, h, 1)
-    cols = torch.arange(w, device=dev).view(1, 1, 1, w)
-    inside = ((rows >= r) & (rows < r + s) & (cols >= q) & (cols < q + s)).any(1, keepdim=True)
+    s = (lo + _rand(n * count, gen, dev) * (hi + 1 - lo)).floor().clamp(max=min(h, w)).view(n, count)
+    r = (_rand(n * count, gen, dev) * (h - s.view(-1) + 1)).floor().view(n, count)
+    q = (_rand(n * count, gen, dev) * (w - s.view(-1) + 1)).floor().view(n, count)
+    rows = torch.arange(h, device=dev, dtype=s.dtype).view(1, 1, h)
+    cols = torch.arange(w, device=dev, dtype=s.dtype).view(1, 1, w)
+    in_rows = ((rows >= r[..., None]) & (rows < (r + s)[..., None])).to(x.dtype)  # (n, count, h)
+    in_cols = ((cols >= q[..., None]) & (cols < (q + s)[..., None])).to(x.dtype)  # (n, count, w)
+    inside = (in_rows.transpose(1, 2) @ in_cols) > 0  # (n, h, w): covered by any square (separable)
     pattern = (torch.rand((n, c, h, w), generator=gen, device=dev) < 0.5).to(x.dtype)
-    return torch.where(inside & _bcast(on), pattern, x)
+    return torch.where((inside & on.view(n, 1, 1))[:, None], pattern, x)
 
 
 @dataclass
