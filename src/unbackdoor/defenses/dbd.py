@@ -140,27 +140,27 @@ class _LinearProbe(nn.Module):
         return self.head(h)
 
 
-def _augmenter(base: Callable | None, grating: float, grating_p: float) -> Callable | None:
-    """``base`` (a batched augmentation or None) followed by random gratings when ``grating > 0``."""
-    if grating <= 0:
+def _augmenter(base: Callable | None, grating: float, grating_p: float, patches: float = 0.0) -> Callable | None:
+    """``base`` (a batched augmentation or None), then random gratings when ``grating > 0``,
+    then random patches when ``patches > 0``."""
+    if grating <= 0 and patches <= 0:
         return base
+
     def aug(x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        return random_grating(base(x, gen) if base is not None else x, grating, grating_p, gen)
+        if base is not None:
+            x = base(x, gen)
+        if grating > 0:
+            x = random_grating(x, grating, grating_p, gen)
+        return random_patches(x, patches, gen=gen) if patches > 0 else x
     return aug
 
 
 def _weak(train: ImageDataset, augment: bool, grating: float, grating_p: float, patches: float = 0.0) -> Callable | None:
-    """Weak augmentation (crop + flip where allowed) + gratings, then random patches when ``patches > 0``."""
+    """Weak augmentation (crop + flip where allowed), then gratings and random patches (:func:`_augmenter`)."""
     if not augment:
         return None
-    base = _augmenter(WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False))),
-                      grating, grating_p)
-    if patches <= 0:
-        return base
-
-    def aug(x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        return random_patches(base(x, gen), patches, gen=gen)
-    return aug
+    base = WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False)))
+    return _augmenter(base, grating, grating_p, patches)
 
 
 def feature_dim(model: nn.Module) -> int:
