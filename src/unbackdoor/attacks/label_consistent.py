@@ -155,7 +155,7 @@ class LabelConsistent(Attack):
         if self.surrogate is None:
             self.surrogate = self.train_surrogate(dataset)
         model = self.surrogate
-        self._settle(whole_class=len(images) >= int((dataset.labels == self.target).sum()))
+        self._settle(whole_class=len(images) >= int(self.eligible(dataset.labels).sum()))
         gen = torch.Generator().manual_seed(3000 + self.seed)
         out = []
         for i in range(0, len(images), 256):
