@@ -109,10 +109,9 @@ def _slug(s: str) -> str:
 
 def _rel(p: Path, root: Path) -> str:
     try:
-        r = os.path.relpath(p, root)
-    except ValueError:
+        return os.path.relpath(p, root)
+    except ValueError:  # another drive (Windows)
         return str(p)
-    return "." if r == "." else r
 
 
 def _shown(root: Path) -> str:

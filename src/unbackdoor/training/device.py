@@ -104,8 +104,8 @@ def _read_cache(path: Path) -> dict:
 
 
 def _busy() -> bool:
-    """Whether the CPU was busy with other work (1-minute load average above 3/4 of
-    the cores this process may use, our own run included); False where unknown."""
+    """Whether the CPU was busy with other work: 1-minute load average above 3/4 of the
+    cores this process may use plus one (our own run); False where unknown."""
     try:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return os.getloadavg()[0] > 0.75 * cores + 1
