@@ -1,0 +1,134 @@
+"""DBD's split and the detection it exports: per-sample SCE losses of the current
+model, the high-/low-credible split (with the optional class floor), and the
+per-sample detection table / AUROC written by :func:`unbackdoor.defenses.dbd.run_dbd`."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data.dataset import ImageDataset
+from ..errors import UnbackdoorError
+from ..training.distributed import DistContext, broadcast_buffers, gather_sharded, shard_indices
+from .dbd_config import _fraction
+from .losses import symmetric_cross_entropy
+
+
+@dataclass
+class Split:
+    """Per-sample SCE losses and the high-credible mask (True = label kept)."""
+
+    losses: torch.Tensor  # float (N,), on CPU
+    kept: torch.Tensor  # bool (N,), on CPU: the lowest-loss fraction epsilon
+
+    def gap(self, tail: float = 0.1) -> float:
+        """The stage-2 guard's statistic: mean loss of the highest-loss fraction ``tail``
+        minus mean loss of the kept part. It grows while the head learns the clean
+        classes and shrinks once it starts fitting the poisoned (highest-loss) samples."""
+        k = max(1, int(round(len(self.losses) * tail)))
+        top = torch.topk(self.losses, k).values.mean()
+        return float(top - self.losses[self.kept].mean())
+
+    def quality(self, poisoned: torch.Tensor | None, tail: float = 0.1) -> dict:
+        """Size, loss gap and - given a known poison mask - detection scores of the
+        rejected (low-credible) part and the number of poisoned samples kept."""
+        from ..metrics import detection_scores
+
+        out = {"n_kept": int(self.kept.sum()), "loss_gap": self.gap(tail)}
+        if poisoned is not None:
+            det = detection_scores(~self.kept, poisoned)
+            out.update({"poisoned_kept": int((self.kept & poisoned).sum()), "precision": det["precision"],
+                        "recall": det["recall"], "f1": det["f1"]})
+        return out
+
+
+@torch.no_grad()
+def sample_losses(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta: float = 1.0,
+                  batch_size: int = 512, dist: DistContext | None = None) -> torch.Tensor:
+    """Per-sample SCE loss of ``model`` (eval mode, no augmentation) on ``data``: float (N,) on CPU.
+    Always fp32, whatever the stages train in: scoring with bf16 autocast halved the
+    split's time but moved it enough to let the SIG backdoor through on one seed
+    (mnist5k quick, SIG seed 1: final ASR 0.037 instead of 0.010, AUROC 0.55 vs 0.62).
+
+    With an enabled ``dist`` (a collective: every rank calls it) each rank scores its
+    share ``idx[rank::world]`` with rank 0's BatchNorm statistics and the losses are
+    all-gathered, so every rank returns the same (N,) tensor a single process computes."""
+    dev = next(model.parameters()).device
+    ctx = dist or DistContext()
+    broadcast_buffers(model, ctx)
+    idx = shard_indices(len(data), ctx)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(idx), batch_size):
+            j = idx[i : i + batch_size]
+            x = data.images[j].to(dev).float().div_(255)
+            y = data.labels[j].to(dev)
+            out.append(symmetric_cross_entropy(model(x), y, alpha, beta, reduction="none").cpu())
+    finally:
+        model.train(was_training)
+    local = torch.cat(out) if out else torch.zeros(0)
+    if not ctx.enabled:
+        return local
+    return gather_sharded(local.to(dev), len(data), ctx).cpu()
+
+
+def split_by_loss(model: nn.Module, train: ImageDataset, eps: float = 0.5, alpha: float = 0.1, beta: float = 1.0,
+                  batch_size: int = 512, dist: DistContext | None = None, class_floor: float = 0.0) -> Split:
+    """DBD's split: the fraction ``eps`` of ``train`` with the lowest SCE loss is
+    high-credible (keeps its label); the rest is treated as unlabelled.
+    Ties are broken by index (a stable sort), so the split is deterministic.
+    Under DDP pass ``dist`` (all ranks call it): the losses are computed sharded and
+    all-gathered (:func:`sample_losses`), so every rank gets the global split.
+
+    ``class_floor`` (not in the paper; 0 = the reference): every class keeps at least
+    ``ceil(class_floor * its size)`` of its own lowest-loss samples; the rest of the
+    ``eps`` budget goes by global loss as before. A class with no labelled sample is
+    never learned by MixMatch (its guessed labels never name it): measured on SIG
+    seed 1, two classes fell out of the split and clean accuracy stayed at 0.78."""
+    _fraction("epsilon", eps)
+    if not 0.0 <= class_floor <= eps:
+        raise UnbackdoorError(f"class_floor must be in [0, epsilon={eps}], got {class_floor}")
+    losses = sample_losses(model, train, alpha, beta, batch_size, dist)
+    k = int(len(losses) * eps)
+    order = torch.sort(losses, stable=True).indices
+    kept = torch.zeros(len(losses), dtype=torch.bool)
+    if class_floor > 0:
+        labels = train.labels.cpu()[order]  # labels in loss order
+        for c in labels.unique():
+            of_c = order[labels == c]
+            kept[of_c[: math.ceil(class_floor * len(of_c))]] = True
+    rest = order[~kept[order]]  # the rest of the budget by global loss
+    kept[rest[: max(0, k - int(kept.sum()))]] = True
+    return Split(losses, kept)
+
+
+def loss_auroc(losses: torch.Tensor, poisoned: torch.Tensor) -> float | None:
+    """Area under the ROC curve of the per-sample loss as a poison score (threshold-free;
+    1.0 = every poisoned sample has a higher loss than every clean one). None if one class is empty."""
+    if poisoned.all() or not poisoned.any():
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(poisoned.numpy(), losses.numpy()))
+
+
+def detection_table(train: ImageDataset, split: Split) -> str:
+    """CSV text: index, label, loss, kept (1 = high-credible), and poisoned where known."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    known = train.poisoned is not None
+    w.writerow(["index", "label", "loss", "kept"] + (["poisoned"] if known else []))
+    losses, kept, lab = split.losses.tolist(), split.kept.tolist(), train.labels.tolist()
+    pois = train.poisoned.tolist() if known else None
+    for i in range(len(losses)):
+        row = [i, lab[i], f"{losses[i]:.6g}", int(kept[i])]
+        if known:
+            row.append(int(pois[i]))
+        w.writerow(row)
+    return buf.getvalue()
