@@ -128,7 +128,8 @@ def color_jitter(
     if contrast > 0:
         mean = _gray(out).mean(dim=(1, 2, 3), keepdim=True)
         f = _bcast(_rand(n, gen, dev, 1 - contrast, 1 + contrast))
-        out = (out - mean) * f + mean
+        out = (out - mean) if out is x else out.sub_(mean)  # in place once ``out`` is our own buffer
+        out = out.mul_(f).add_(mean)
     if x.shape[1] == 3:
         if saturation > 0:
             g = _gray(out)
@@ -136,7 +137,7 @@ def color_jitter(
             out = (out - g) * f + g
         if hue > 0:
             out = _hue_rotate(out, _rand(n, gen, dev, -hue, hue) * 2 * math.pi)
-    out = out.clamp(0, 1)
+    out = out.clamp(0, 1) if out is x else out.clamp_(0, 1)
     return torch.where(apply, out, x)
 
 
@@ -201,8 +202,8 @@ def random_noise(
     """
     n = len(x)
     off = _bcast(_rand(n, gen, x.device, -offset, offset))
-    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype) * std
-    return (x + off + noise).clamp(0, 1)
+    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return noise.mul_(std).add_(x + off).clamp_(0, 1)  # in place, same values as (x + off + noise * std)
 
 
 def check_patches(where: str, p: float) -> None:
@@ -323,5 +324,6 @@ def random_grating(
     phase = _rand(n, gen, dev) * 2 * math.pi
     v = (torch.arange(h, device=dev, dtype=dt) / h).view(1, h, 1)
     u = (torch.arange(w, device=dev, dtype=dt) / w).view(1, 1, w)
-    arg = 2 * math.pi * freq.view(n, 1, 1) * (u * theta.cos().view(n, 1, 1) + v * theta.sin().view(n, 1, 1)) + phase.view(n, 1, 1)
-    return (x + amp.view(n, 1, 1, 1) * torch.sin(arg)[:, None]).clamp(0, 1)
+    arg = u * theta.cos().view(n, 1, 1) + v * theta.sin().view(n, 1, 1)  # (n, h, w); then in place, same values
+    arg = arg.mul_(2 * math.pi * freq.view(n, 1, 1)).add_(phase.view(n, 1, 1)).sin_()
+    return (x + arg.mul_(amp.view(n, 1, 1))[:, None]).clamp_(0, 1)
