@@ -412,6 +412,9 @@ AUGMENTATIONS = {
     "simclr": lambda x, g: A.SimCLRAugment()(x, g),
     "simclr_noise_noflip": lambda x, g: A.SimCLRAugment(flip=False, noise=True)(x, g),
     "weak": lambda x, g: A.WeakAugment(padding=4)(x, g),
+    "contrast_only_jitter": lambda x, g: A.color_jitter(x, 0.0, 0.4, 0.0, 0.0, p=1.0, gen=g),
+    "random_grating": lambda x, g: A.random_grating(x, 0.5, 1.0, g),
+    "random_patches": lambda x, g: A.random_patches(x, 1.0, gen=g),
 }
 
 
@@ -427,6 +430,17 @@ def test_augmentation_keeps_shape_range_and_is_seeded(name, channels, size):
     if name != "random_grayscale" or channels == 3:  # grayscale is a no-op on 1-channel images
         assert not torch.equal(y1, fn(x.clone(), _gen(2)))
         assert not torch.equal(y1, x)
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_augmentation_leaves_its_input_alone_and_passes_empty_batches(name):
+    # several work in place on their own buffers: the caller's tensor must not change
+    fn = AUGMENTATIONS[name]
+    x = torch.rand(8, 3, 32, 32, generator=_gen(0))
+    before = x.clone()
+    fn(x, _gen(1))
+    assert torch.equal(x, before)
+    assert fn(torch.zeros(0, 3, 32, 32), _gen(1)).shape == (0, 3, 32, 32)
 
 
 def test_random_crop_is_a_shifted_window():

@@ -175,6 +175,8 @@ def gaussian_blur(
 ) -> torch.Tensor:
     """Gaussian blur with a per-sample sigma; kernel ~10% of the image side (SimCLR)."""
     n, c, h, w = x.shape
+    if n == 0:  # a grouped conv with 0 groups is an error; every other augmentation passes empty batches through
+        return x
     k = max(3, int(kernel_frac * min(h, w)) // 2 * 2 + 1)
     s = _rand(n, gen, x.device, *sigma)
     s = torch.where(_rand(n, gen, x.device) < p, s, torch.zeros_like(s))
