@@ -470,3 +470,18 @@ def test_augmentations_with_fixed_outcomes():
     assert torch.equal(A.to_uint8(A.to_float(u8)), u8)
     assert A.weak_augment_for({"flip": True}, 32) == A.WeakAugment(padding=4, flip=True)
     assert A.weak_augment_for({}, 28) == A.WeakAugment(padding=3, flip=False)
+
+
+def test_random_bits_are_fair_independent_and_seeded():
+    bits = A.random_bits((50, 3, 33, 31), _gen(0))  # 153,450 bits: not a multiple of 8
+    assert bits.shape == (50, 3, 33, 31) and bits.dtype == torch.uint8
+    assert set(bits.unique().tolist()) == {0, 1}
+    flat = bits.flatten().float()
+    assert abs(float(flat.mean()) - 0.5) < 0.01  # 0.5 +- ~8 standard errors
+    # neighbours (also across the 8 bits unpacked from one byte) are uncorrelated
+    for lag in (1, 7, 8):
+        c = torch.corrcoef(torch.stack([flat[:-lag], flat[lag:]]))[0, 1]
+        assert abs(float(c)) < 0.02, (lag, float(c))
+    assert torch.equal(bits, A.random_bits((50, 3, 33, 31), _gen(0)))
+    assert not torch.equal(bits, A.random_bits((50, 3, 33, 31), _gen(1)))
+    assert A.random_bits((0, 1, 4, 4), _gen(0)).shape == (0, 1, 4, 4)

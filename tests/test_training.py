@@ -142,3 +142,18 @@ def test_explicit_precisions():
         resolve_precision("fp16", model, (1, 28, 28), cpu)
     with pytest.raises(UnbackdoorError, match="unknown precision"):
         resolve_precision("fp8", model, (1, 28, 28), cpu)
+
+
+def test_cpu_allocator_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    import platform
+
+    from unbackdoor.training.device import tune_cpu_allocator
+
+    monkeypatch.setenv("UNBACKDOOR_MALLOC_TUNING", "0")
+    assert tune_cpu_allocator() is False  # the user's opt-out is honoured
+    monkeypatch.delenv("UNBACKDOOR_MALLOC_TUNING")
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt tuning is glibc-only")
+    assert tune_cpu_allocator() is True
+    x = torch.ones(4_000_000)  # 16 MB: below the raised mmap threshold, served from the heap
+    assert float(x.sum()) == 4_000_000

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Our warnings are advice to the user: one line, no source location.
     warnings.formatwarning = lambda msg, cat, *a, **k: f"unbackdoor {args.command}: warning: {msg}\n"
+    from .training.device import tune_cpu_allocator
+
+    tune_cpu_allocator()
     try:
         _init_distributed(args)
         rc = args._run(args)
