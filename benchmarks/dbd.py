@@ -49,31 +49,32 @@ from unbackdoor.training.engine import EngineOptions
 from _timing import seconds_per_step, sync
 
 
+def _train_step(net: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer, dev: torch.device,
+                prec: Precision) -> None:
+    with prec.autocast(dev):
+        out = net(x)
+    loss = out.float().square().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _guess(net: torch.nn.Module, x: torch.Tensor, dev: torch.device, prec: Precision) -> None:
+    with torch.no_grad(), prec.autocast(dev):
+        net(x)
+
+
 def bare(net: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer, steps: int, dev: torch.device,
          prec: Precision) -> float:
     """Seconds per forward/backward/step on pre-made ``x``, in the same precision as the stage."""
     net.train()
-
-    def step() -> None:
-        with prec.autocast(dev):
-            out = net(x)
-        loss = out.float().square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return seconds_per_step(step, steps, dev)
+    return seconds_per_step(lambda: _train_step(net, x, opt, dev, prec), steps, dev)
 
 
 def bare_guess(net: torch.nn.Module, x: torch.Tensor, steps: int, dev: torch.device, prec: Precision) -> float:
     """Seconds per no-grad forward (train mode) on pre-made ``x``: MixMatch's label guessing."""
     net.train()
-
-    def step() -> None:
-        with torch.no_grad(), prec.autocast(dev):
-            net(x)
-
-    return seconds_per_step(step, steps, dev)
+    return seconds_per_step(lambda: _guess(net, x, dev, prec), steps, dev)
 
 
 def bare_mixmatch(net: torch.nn.Module, x: torch.Tensor, xg: torch.Tensor, opt: torch.optim.Optimizer, steps: int,
@@ -83,14 +84,8 @@ def bare_mixmatch(net: torch.nn.Module, x: torch.Tensor, xg: torch.Tensor, opt: 
     net.train()
 
     def step() -> None:
-        with torch.no_grad(), prec.autocast(dev):
-            net(xg)
-        with prec.autocast(dev):
-            out = net(x)
-        loss = out.float().square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _guess(net, xg, dev, prec)
+        _train_step(net, x, opt, dev, prec)
 
     return seconds_per_step(step, steps, dev)
 
