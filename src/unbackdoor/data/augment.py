@@ -256,8 +256,9 @@ def random_bits(shape: tuple[int, ...], gen: torch.Generator | None = None, devi
     """
     m = math.prod(shape)
     byte = torch.randint(0, 256, ((m + 7) // 8,), generator=gen, device=device, dtype=torch.uint8)
-    shifts = torch.arange(8, device=byte.device, dtype=torch.uint8)
-    return byte[:, None].bitwise_right_shift(shifts).bitwise_and_(1).view(-1)[:m].view(shape)
+    # bit k of each byte via a mask, not a shift: bitwise_and exists for uint8 on every backend
+    masks = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], device=byte.device, dtype=torch.uint8)
+    return (byte[:, None] & masks).ne_(0).view(-1)[:m].view(shape).to(torch.uint8)
 
 
 @dataclass
