@@ -16,8 +16,8 @@ Prints, in one run:
   model work the algorithm needs, the ratio measures what our loop adds. Also
   printed, for transparency: the ratio against forward/backward/step on 192 alone
   (the guess not counted) and the ceiling the guess sets on that reading,
-  bare / (bare + guess), ~0.8 on a CPU where a no-grad forward costs ~1/3 of a
-  training step per image: no MixMatch loop can pass 0.8 on that reading;
+  bare / (bare + guess), 0.80-0.83 measured on CPUs where a no-grad forward costs
+  ~1/3 of a training step per image: no MixMatch loop can pass it on that reading;
 - the two-view SimCLR augmentation alone, source images/s (target >= 11,000/s);
 - peak memory (max RSS; CUDA: max allocated).
 
