@@ -251,8 +251,8 @@ def random_bits(shape: tuple[int, ...], gen: torch.Generator | None = None, devi
     """Fair random bits: a uint8 tensor of ``shape`` with values in {0, 1}.
 
     Unpacks random bytes (8 bits each) instead of drawing one float per bit: on CPU,
-    drawing 150k floats took ~1 ms of stage 3's step, the bytes ~0.1 ms
-    (docs/results_dbd.md).
+    150k bits as thresholded floats took ~1.0-1.5 ms of stage 3's step, as
+    unpacked bytes ~0.4 ms (docs/results_dbd.md).
     """
     m = math.prod(shape)
     byte = torch.randint(0, 256, ((m + 7) // 8,), generator=gen, device=device, dtype=torch.uint8)

@@ -83,11 +83,12 @@ def tune_cpu_allocator() -> bool:
     augmentation buffers every step. With glibc's defaults many of them go back to
     the kernel (``mmap``/trim) and are page-faulted in again on the next step.
     Raising the mmap threshold to its 32 MiB maximum and the trim threshold to
-    2 GiB keeps them in the heap: on mnist5k / cnn-small this halved the minor page
-    faults and cut SimCLR's step time by ~5-10% (docs/results_dbd.md). Peak memory
-    is unchanged; freed memory is kept by the process instead of returned.
+    2 GiB keeps them in the heap: on mnist5k / cnn-small SimCLR ran ~5-10% faster
+    and MixMatch unchanged (docs/results_dbd.md, benchmark of 2026-12-01). Freed
+    memory is kept by the process instead of returned, so peak RSS can be higher
+    (measured: -12 to +54 MiB in three short A/B pairs, +100 MiB over one whole quick DBD run).
 
-    Called once by the CLI. Linux/glibc only (a no-op elsewhere); set
+    Called by the CLI and benchmarks/dbd.py. Linux/glibc only (a no-op elsewhere); set
     ``UNBACKDOOR_MALLOC_TUNING=0`` to leave the allocator alone. Returns whether
     the settings were applied.
     """
