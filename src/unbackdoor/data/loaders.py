@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import UnbackdoorError, unknown_name
 from .dataset import ImageDataset
+from .idx import FASHION_MNIST_CLASSES, fashion_mnist_root, load_idx_split, subset_per_class
 from .splits import Splits, stratified_split
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp"}
@@ -267,6 +268,37 @@ def _digits_splits(root=None, seed: int = 0, size: int = 8, pad_to: int | None =
     n = len(ds)
     n_test, n_held = int(0.2 * n), int(0.1 * n)
     return stratified_split(ds, (n - n_test - n_held, n_test, n_held), seed=seed)
+
+
+def _fashion_mnist(root) -> tuple[ImageDataset, ImageDataset]:
+    base = fashion_mnist_root(root)
+    return (load_idx_split(base, "train", FASHION_MNIST_CLASSES, "fashion-mnist"),
+            load_idx_split(base, "test", FASHION_MNIST_CLASSES, "fashion-mnist"))
+
+
+@_register("fashion-mnist", DatasetInfo(flip=False, default_model="cnn-small", needs_root=False))
+def _fashion_mnist_splits(root=None, seed: int = 0, **kw) -> Splits:
+    # 60,000 training images: 10% of them held out (as for CIFAR), the 10,000 test images as the test set.
+    tr, te = _fashion_mnist(root)
+    return _with_heldout(tr, te, seed)
+
+
+@_register("fashion-mnist5k", DatasetInfo(flip=False, default_model="cnn-small", needs_root=False))
+def _fashion_mnist5k_splits(root=None, seed: int = 0, **kw) -> Splits:
+    # Like mnist5k: 500 images a class (drawn once, with seed 0, from the 60,000 training
+    # images, so the dataset is the same whatever the split seed), split 3,500 / 1,000 / 500.
+    tr, _ = _fashion_mnist(root)
+    ds = subset_per_class(tr, 500, seed=0)
+    ds.name = "fashion-mnist5k"
+    return stratified_split(ds, (3500, 1000, 500), seed=seed)
+
+
+@_register("idx", DatasetInfo(flip=False, default_model="cnn-small", needs_root=True))
+def _idx_splits(root=None, seed: int = 0, transpose: bool = False, **kw) -> Splits:
+    # Any dataset in the MNIST file layout (MNIST, KMNIST, EMNIST with transpose=True, ...).
+    tr = load_idx_split(root, "train", name="idx", transpose=transpose)
+    te = load_idx_split(root, "test", classes=tr.classes, name="idx", transpose=transpose)
+    return _with_heldout(tr, te, seed)
 
 
 def _with_heldout(train: ImageDataset, test: ImageDataset, seed: int, heldout_frac: float = 0.1) -> Splits:
