@@ -432,7 +432,7 @@ def mixmatch_stage(
     cfg.validate()
     n = len(train)
     eng = _stage_engine(model, train, engine, seed, 3 * cfg.batch_size, checkpoint, resume)
-    eng.set_optimizer(eng.model.parameters(), "adam", cfg.lr, schedule="constant", total_steps=cfg.epochs * cfg.iterations)
+    eng.set_optimizer(eng.model.parameters(), "adam", cfg.lr, schedule=cfg.schedule, total_steps=cfg.epochs * cfg.iterations)
     start, history, _ = _resume_state(eng, checkpoint, resume, cfg)
     opts = engine or EngineOptions()
     aug = _weak(train, cfg.augment, cfg.grating, cfg.grating_p, cfg.patches)
@@ -448,7 +448,7 @@ def mixmatch_stage(
     for epoch in range(start, cfg.epochs):
         t_epoch = time.perf_counter()
         split = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist,
-                              cfg.class_floor)
+                              cfg.class_floor, cfg.balanced, cfg.agree)
         kept = split.kept.to(eng.device)
         lab_pool, unl_pool = torch.nonzero(kept).flatten(), torch.nonzero(~kept).flatten()
         if len(lab_pool) == 0 or len(unl_pool) == 0:
@@ -472,7 +472,14 @@ def mixmatch_stage(
             batch = eng.input(batch)
             with torch.no_grad(), eng.autocast():
                 p = eng.train_model(batch[b:]).float().softmax(1)
-            q = sharpen((p[:b] + p[b:]) / 2, cfg.temperature)
+            pbar = (p[:b] + p[b:]) / 2
+            if cfg.label_prior > 1:
+                r = 1 + (cfg.label_prior - 1) * linear_rampup(epoch + it / cfg.iterations, ramp_len)
+                py = pbar.gather(1, labels[ui][:, None])
+                plausible = py >= cfg.label_prior_gate * pbar.max(1, keepdim=True).values
+                pbar = pbar.scatter(1, labels[ui][:, None], torch.where(plausible, py * r, py))
+                pbar = pbar / pbar.sum(1, keepdim=True)
+            q = sharpen(pbar, cfg.temperature)
             targets = torch.cat([F.one_hot(labels[xi], c).float(), q, q])
             perm = torch.randperm(3 * b, generator=gen, device=eng.device)
             mixed_x, mixed_y = mixup(batch, targets, lams[it], perm)
@@ -498,7 +505,7 @@ def mixmatch_stage(
             on_epoch(rec)
     eng.model.eval()
     final = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist,
-                          cfg.class_floor)
+                          cfg.class_floor, cfg.balanced, cfg.agree)
     return StageResult(eng.model, history, _seconds(history), eng.precision.name, {"split": final})
 
 
@@ -589,7 +596,7 @@ def run_dbd(
     if test is not None and ctx.is_main:
         metrics["after_stage2"] = evaluate(model, test, attack, cfg.eval_batch_size)
     split2 = split_by_loss(model, train, cfg.mixmatch.epsilon, cfg.mixmatch.sce_alpha, cfg.mixmatch.sce_beta,
-                           cfg.eval_batch_size, ctx, cfg.mixmatch.class_floor)
+                           cfg.eval_batch_size, ctx, cfg.mixmatch.class_floor, cfg.mixmatch.balanced, cfg.mixmatch.agree)
     ev = None
     if test is not None:
         ev = lambda m: {k: v for k, v in evaluate(m, test, attack, cfg.eval_batch_size).items() if not k.startswith("n_")}  # noqa: E731

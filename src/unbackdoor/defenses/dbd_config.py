@@ -105,8 +105,13 @@ class MixMatchConfig:
     iterations: int = 1024  # steps per epoch; the split is recomputed before each epoch
     batch_size: int = 64  # labelled samples per step (and as many unlabelled)
     lr: float = 2e-3
+    schedule: str = "constant"
     epsilon: float = 0.5  # fraction of the training set kept as labelled (lowest SCE loss)
     class_floor: float = 0.1  # not in the paper: each class keeps >= this fraction of itself labelled (0: off)
+    balanced: bool = False
+    agree: bool = False
+    label_prior: float = 1.0
+    label_prior_gate: float = 0.0
     temperature: float = 0.5  # sharpening
     alpha: float = 0.75  # Beta(alpha, alpha) mixup
     lambda_u: float = 15.0

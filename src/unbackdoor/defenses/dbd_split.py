@@ -46,8 +46,13 @@ class Split:
         return out
 
 
-@torch.no_grad()
 def sample_losses(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta: float = 1.0,
+                  batch_size: int = 512, dist: DistContext | None = None) -> torch.Tensor:
+    return sample_scores(model, data, alpha, beta, batch_size, dist)[:, 0]
+
+
+@torch.no_grad()
+def sample_scores(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta: float = 1.0,
                   batch_size: int = 512, dist: DistContext | None = None) -> torch.Tensor:
     """Per-sample SCE loss of ``model`` (eval mode, no augmentation) on ``data``: float (N,) on CPU.
     Always fp32, whatever the stages train in: scoring with bf16 autocast halved the
@@ -69,17 +74,20 @@ def sample_losses(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta
             j = idx[i : i + batch_size]
             x = data.images[j].to(dev).float().div_(255)
             y = data.labels[j].to(dev)
-            out.append(symmetric_cross_entropy(model(x), y, alpha, beta, reduction="none").cpu())
+            logits = model(x)
+            out.append(torch.stack([symmetric_cross_entropy(logits, y, alpha, beta, reduction="none"),
+                                    (logits.argmax(1) == y).float()], 1).cpu())
     finally:
         model.train(was_training)
-    local = torch.cat(out) if out else torch.zeros(0)
+    local = torch.cat(out) if out else torch.zeros(0, 2)
     if not ctx.enabled:
         return local
     return gather_sharded(local.to(dev), len(data), ctx).cpu()
 
 
 def split_by_loss(model: nn.Module, train: ImageDataset, eps: float = 0.5, alpha: float = 0.1, beta: float = 1.0,
-                  batch_size: int = 512, dist: DistContext | None = None, class_floor: float = 0.0) -> Split:
+                  batch_size: int = 512, dist: DistContext | None = None, class_floor: float = 0.0,
+                  balanced: bool = False, agree: bool = False) -> Split:
     """DBD's split: the fraction ``eps`` of ``train`` with the lowest SCE loss is
     high-credible (keeps its label); the rest is treated as unlabelled.
     Ties are broken by index (a stable sort), so the split is deterministic.
@@ -94,10 +102,21 @@ def split_by_loss(model: nn.Module, train: ImageDataset, eps: float = 0.5, alpha
     _fraction("epsilon", eps)
     if not 0.0 <= class_floor <= eps:
         raise UnbackdoorError(f"class_floor must be in [0, epsilon={eps}], got {class_floor}")
-    losses = sample_losses(model, train, alpha, beta, batch_size, dist)
+    sc = sample_scores(model, train, alpha, beta, batch_size, dist)
+    losses, agreeing = sc[:, 0].contiguous(), sc[:, 1] > 0.5
     k = int(len(losses) * eps)
     order = torch.sort(losses, stable=True).indices
     kept = torch.zeros(len(losses), dtype=torch.bool)
+    if balanced:
+        labels = train.labels.cpu()[order]
+        sizes = torch.bincount(train.labels.cpu(), minlength=train.num_classes)
+        cap = float(sizes[sizes > 0].float().median())
+        for c in labels.unique():
+            of_c = order[labels == c]
+            kept[of_c[: int(eps * min(len(of_c), cap))]] = True
+        if agree:
+            kept |= agreeing
+        return Split(losses, kept)
     if class_floor > 0:
         labels = train.labels.cpu()[order]  # labels in loss order
         for c in labels.unique():
