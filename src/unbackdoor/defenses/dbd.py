@@ -85,13 +85,16 @@ from ..data.dataset import ImageDataset
 from ..errors import UnbackdoorError
 from ..models.io import last_linear, penultimate_features, unwrap
 from ..training.distributed import current_context, run_on_main
+from ..training.budget import PlateauBudget
 from ..training.engine import Engine, EngineOptions, checkpoint_precision
 from ..training.progress import Progress
 from .dbd_config import (  # noqa: F401  (re-exported: the configs are part of this module's API)
     GUARDS, PRESETS, DBDConfig, LinearConfig, MixMatchConfig, SimCLRConfig, _plain, dbd_preset,
 )
 from .dbd_split import Split, detection_table, loss_auroc, sample_losses, split_by_loss  # noqa: F401 - re-exported
-from .losses import NTXentLoss, linear_rampup, mixmatch_loss, mixup, mixup_lambda, sharpen, symmetric_cross_entropy
+from .losses import (
+    NTXentLoss, linear_rampup, mixmatch_loss, mixup, mixup_lambda, sharpen, symmetric_cross_entropy, weight_given_label,
+)
 
 # Independent random sub-streams per stage (Engine.generator(epoch, stream)).
 _STREAM = {"simclr": 1, "linear": 2, "mixmatch": 3}
@@ -432,8 +435,8 @@ def mixmatch_stage(
     cfg.validate()
     n = len(train)
     eng = _stage_engine(model, train, engine, seed, 3 * cfg.batch_size, checkpoint, resume)
-    eng.set_optimizer(eng.model.parameters(), "adam", cfg.lr, schedule=cfg.schedule, total_steps=cfg.epochs * cfg.iterations)
-    start, history, _ = _resume_state(eng, checkpoint, resume, cfg)
+    eng.set_optimizer(eng.model.parameters(), "adam", cfg.lr, schedule="constant", total_steps=1)
+    start, history, st = _resume_state(eng, checkpoint, resume, cfg)
     opts = engine or EngineOptions()
     aug = _weak(train, cfg.augment, cfg.grating, cfg.grating_p, cfg.patches)
     images, labels = train.images.to(eng.device), train.labels.to(eng.device)
@@ -445,24 +448,33 @@ def mixmatch_stage(
         raise UnbackdoorError(f"mixmatch.batch_size {cfg.batch_size} is global: it must be >= the {world} processes")
     b = cfg.batch_size // world
     ramp_len = cfg.epochs if cfg.rampup_epochs is None else cfg.rampup_epochs
-    for epoch in range(start, cfg.epochs):
+    iters = cfg.iterations
+    budget = None  # budget 'fixed': cfg.epochs at a constant rate
+    if cfg.budget == "plateau":
+        budget = PlateauBudget(ramp_len, cfg.epochs, cfg.plateau_patience, cfg.plateau_delta, cfg.cooldown,
+                               st.get("budget"))
+    prev_kept = None
+    epoch = start
+    while epoch < (budget.end if budget else cfg.epochs):
         t_epoch = time.perf_counter()
         split = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist,
-                              cfg.class_floor, cfg.balanced, cfg.agree)
+                              cfg.class_floor, cfg.balanced)
+        if budget is not None:
+            budget.observe(epoch, float(split.agreeing.float().mean()))
         kept = split.kept.to(eng.device)
         lab_pool, unl_pool = torch.nonzero(kept).flatten(), torch.nonzero(~kept).flatten()
         if len(lab_pool) == 0 or len(unl_pool) == 0:
             raise UnbackdoorError(f"mixmatch.epsilon {cfg.epsilon} leaves an empty labelled or unlabelled set of {n}")
         gen = eng.generator(epoch, _STREAM["mixmatch"])
-        lab_idx = _cycled_batches(lab_pool, cfg.batch_size, cfg.iterations, gen)  # identical on every rank
-        unl_idx = _cycled_batches(unl_pool, cfg.batch_size, cfg.iterations, gen)
+        lab_idx = _cycled_batches(lab_pool, cfg.batch_size, iters, gen)  # identical on every rank
+        unl_idx = _cycled_batches(unl_pool, cfg.batch_size, iters, gen)
         rng = np.random.default_rng([seed, _STREAM["mixmatch"], epoch])
-        lams = [mixup_lambda(cfg.alpha, rng) for _ in range(cfg.iterations)]
+        lams = [mixup_lambda(cfg.alpha, rng) for _ in range(iters)]
         eng.train_model.train()
-        bar = Progress(cfg.iterations, f"dbd mixmatch epoch {epoch + 1}/{cfg.epochs}",
+        bar = Progress(iters, f"dbd mixmatch epoch {epoch + 1}/{budget.shown_end() if budget else cfg.epochs}",
                        enabled=opts.progress and eng.dist.is_main)
         sums = torch.zeros(3, device=eng.device)
-        for it in range(cfg.iterations):
+        for it in range(iters):
             xi, ui = lab_idx[it], unl_idx[it]
             if eng.dist.enabled:
                 xi, ui = eng.dist.shard(xi)[:b], eng.dist.shard(ui)[:b]
@@ -473,12 +485,15 @@ def mixmatch_stage(
             with torch.no_grad(), eng.autocast():
                 p = eng.train_model(batch[b:]).float().softmax(1)
             pbar = (p[:b] + p[b:]) / 2
-            if cfg.label_prior > 1:
-                r = 1 + (cfg.label_prior - 1) * linear_rampup(epoch + it / cfg.iterations, ramp_len)
-                py = pbar.gather(1, labels[ui][:, None])
-                plausible = py >= cfg.label_prior_gate * pbar.max(1, keepdim=True).values
-                pbar = pbar.scatter(1, labels[ui][:, None], torch.where(plausible, py * r, py))
-                pbar = pbar / pbar.sum(1, keepdim=True)
+            progress = epoch + it / iters
+            if budget is not None:  # the label prior acts in the cool-down only (MixMatchConfig)
+                prior_ramp = budget.cooldown_progress(progress) or 0.0
+                for g in eng.optimizer.param_groups:
+                    g["lr"] = cfg.lr * budget.lr_factor(progress)
+            else:
+                prior_ramp = linear_rampup(progress, ramp_len)
+            if cfg.label_prior > 1 and prior_ramp > 0:
+                pbar = weight_given_label(pbar, labels[ui], 1 + (cfg.label_prior - 1) * prior_ramp, cfg.label_prior_gate)
             q = sharpen(pbar, cfg.temperature)
             targets = torch.cat([F.one_hot(labels[xi], c).float(), q, q])
             perm = torch.randperm(3 * b, generator=gen, device=eng.device)
@@ -486,26 +501,33 @@ def mixmatch_stage(
             with eng.autocast():
                 logits = eng.train_model(mixed_x)
             lx, lu = mixmatch_loss(logits[:b], mixed_y[:b], logits[b:], mixed_y[b:])
-            w = cfg.lambda_u * linear_rampup(epoch + it / cfg.iterations, ramp_len)
+            w = cfg.lambda_u * linear_rampup(progress, ramp_len)
             loss = lx + w * lu
             eng.step(loss)
             sums += torch.stack([loss.detach(), lx.detach(), lu.detach()])
             bar.update(3 * b * world)
-        sums = (eng.dist.all_reduce_sum(sums) / (cfg.iterations * world)).tolist()
+        sums = (eng.dist.all_reduce_sum(sums) / (iters * world)).tolist()
         rec = {"epoch": epoch + 1, "loss": sums[0], "loss_x": sums[1], "loss_u": sums[2],
                "lambda_u": cfg.lambda_u * linear_rampup(epoch + 1, ramp_len), "images_per_second": bar.images_per_second}
         rec.update({f"split_{k}": v for k, v in split.quality(train.poisoned).items()})
+        if prev_kept is not None:
+            rec["split_changed"] = float((prev_kept != split.kept).float().mean())
+        prev_kept = split.kept
         if evaluate is not None and eng.dist.is_main:
             rec.update(evaluate(eng.model))
         rec["seconds"] = time.perf_counter() - t_epoch
         bar.close(**{k: rec[k] for k in ("loss", "clean_accuracy", "attack_success_rate", "split_poisoned_kept") if k in rec})
         history.append(rec)
-        eng.save(checkpoint, epoch=epoch, history=history, config=_plain(cfg))
+        if budget is not None:
+            rec["cooldown_from"] = budget.state["cool_start"]
+        eng.save(checkpoint, epoch=epoch, history=history, config=_plain(cfg),
+                 **({"budget": budget.state} if budget else {}))
         if on_epoch is not None:
             on_epoch(rec)
+        epoch += 1
     eng.model.eval()
     final = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist,
-                          cfg.class_floor, cfg.balanced, cfg.agree)
+                          cfg.class_floor, cfg.balanced)
     return StageResult(eng.model, history, _seconds(history), eng.precision.name, {"split": final})
 
 
@@ -596,7 +618,7 @@ def run_dbd(
     if test is not None and ctx.is_main:
         metrics["after_stage2"] = evaluate(model, test, attack, cfg.eval_batch_size)
     split2 = split_by_loss(model, train, cfg.mixmatch.epsilon, cfg.mixmatch.sce_alpha, cfg.mixmatch.sce_beta,
-                           cfg.eval_batch_size, ctx, cfg.mixmatch.class_floor, cfg.mixmatch.balanced, cfg.mixmatch.agree)
+                           cfg.eval_batch_size, ctx, cfg.mixmatch.class_floor, cfg.mixmatch.balanced)
     ev = None
     if test is not None:
         ev = lambda m: {k: v for k, v in evaluate(m, test, attack, cfg.eval_batch_size).items() if not k.startswith("n_")}  # noqa: E731

@@ -10,6 +10,7 @@ from ..errors import UnbackdoorError, unknown_name
 from ..training.engine import EngineOptions
 
 GUARDS = ("loss-gap", "none")
+BUDGETS = ("plateau", "fixed")
 PRESETS = ("paper", "quick")
 
 
@@ -99,19 +100,47 @@ class LinearConfig:
 class MixMatchConfig:
     """Stage 3 (paper: epsilon 0.5, 190 epochs x 1024 iterations, batch 64 labelled
     + 64 unlabelled, K = 2, T = 0.5, Beta(0.75), lambda_u = 15 ramped linearly over
-    all epochs, Adam lr 2e-3, no lr schedule)."""
+    all epochs, Adam lr 2e-3, no lr schedule).
 
-    epochs: int = 190
+    Three additions decide *which* samples keep their labels, *what* the unlabelled
+    ones are guessed as, and *how long* the stage runs (docs/results_dbd.md has the
+    evidence; ``balanced: false, class_floor: 0, label_prior: 1, budget: fixed``
+    gives the reference):
+
+    * ``balanced`` split: each class keeps its lowest-loss fraction ``epsilon`` of
+      ``min(class size, median class size)``. A global loss ranking keeps the easy
+      classes and drops hard ones (Fashion-MNIST: 31 of 306 coats labelled), and a
+      model fitted on the easy half of every class misses the hard cases; capping
+      at the median keeps an inflated (poisoned) class from filling its quota with poisons.
+    * ``label_prior``: an unlabelled sample's given label multiplies its share of
+      the guess by up to this factor, when the model finds it plausible (at least
+      ``label_prior_gate`` times its top class's probability). A poisoned sample's
+      given label is implausible to a model that has not learned the trigger, a
+      hard clean sample's label usually is. It only acts during the cool-down
+      (``budget: plateau``), when the learning rate decays: at full strength
+      under a constant rate it fed a backdoor back in (docs/results_dbd.md).
+    * ``budget: plateau``: ``epochs`` is a maximum. The learning rate stays
+      constant while the model's agreement with the given labels over the whole
+      training set keeps rising (by ``plateau_delta`` within ``plateau_patience``
+      epochs, checked after the lambda_u ramp); then a cosine cool-down of
+      ``cooldown`` times the epochs so far ends the stage. Harder data (lower
+      agreement, slower to rise) gets more epochs without a per-dataset setting.
+      ``budget: fixed`` runs ``epochs`` at a constant rate (reference).
+    """
+
+    epochs: int = 190  # budget 'fixed': the epochs; 'plateau': the most epochs before the cool-down
     iterations: int = 1024  # steps per epoch; the split is recomputed before each epoch
     batch_size: int = 64  # labelled samples per step (and as many unlabelled)
     lr: float = 2e-3
-    schedule: str = "constant"
-    epsilon: float = 0.5  # fraction of the training set kept as labelled (lowest SCE loss)
-    class_floor: float = 0.1  # not in the paper: each class keeps >= this fraction of itself labelled (0: off)
-    balanced: bool = False
-    agree: bool = False
-    label_prior: float = 1.0
-    label_prior_gate: float = 0.0
+    epsilon: float = 0.7  # kept (labelled) fraction: of each class (balanced) or of all samples (paper: 0.5, global)
+    balanced: bool = True  # not in the paper: per-class quota (class docstring)
+    class_floor: float = 0.0  # global split only: each class keeps >= this fraction of itself labelled
+    label_prior: float = 5.0  # not in the paper: weight of a plausible given label in the guess (1: off)
+    label_prior_gate: float = 0.3  # plausible = its probability >= this times the top class's
+    budget: str = "plateau"  # plateau | fixed (class docstring)
+    plateau_patience: int = 3
+    plateau_delta: float = 0.002
+    cooldown: float = 1.0  # cool-down epochs as a multiple of the constant-rate epochs
     temperature: float = 0.5  # sharpening
     alpha: float = 0.75  # Beta(alpha, alpha) mixup
     lambda_u: float = 15.0
@@ -131,6 +160,13 @@ class MixMatchConfig:
             raise UnbackdoorError(f"mixmatch.class_floor must be in [0, epsilon={self.epsilon}], got {self.class_floor}")
         if self.lambda_u < 0:
             raise UnbackdoorError(f"mixmatch.lambda_u must be >= 0, got {self.lambda_u}")
+        if self.label_prior < 1:
+            raise UnbackdoorError(f"mixmatch.label_prior must be >= 1 (1: off), got {self.label_prior}")
+        if not 0.0 <= self.label_prior_gate <= 1.0:
+            raise UnbackdoorError(f"mixmatch.label_prior_gate must be in [0, 1], got {self.label_prior_gate}")
+        if self.budget not in BUDGETS:
+            raise unknown_name("stage-3 budget", self.budget, BUDGETS)
+        _positive("mixmatch", plateau_patience=self.plateau_patience, cooldown=self.cooldown)
         check_grating("mixmatch", self.grating, self.grating_p)
         check_patches("mixmatch", self.patches)
 
@@ -164,7 +200,7 @@ def dbd_preset(name: str) -> DBDConfig:
         return DBDConfig(
             simclr=SimCLRConfig(epochs=50, batch_size=256),
             linear=LinearConfig(epochs=10),
-            mixmatch=MixMatchConfig(epochs=6, iterations=200),
+            mixmatch=MixMatchConfig(epochs=40, iterations=200, rampup_epochs=4),
         )
     raise unknown_name("preset", name, PRESETS)
 

@@ -4,7 +4,7 @@
 - :class:`SCELoss` / :func:`symmetric_cross_entropy` — symmetric cross-entropy
   (stages 2 and 3: the head's loss and the per-sample credibility score);
 - :func:`sharpen`, :func:`mixup`, :func:`mixup_lambda`, :func:`mixmatch_loss`,
-  :func:`linear_rampup` — MixMatch (stage 3).
+  :func:`linear_rampup`, :func:`weight_given_label` — MixMatch (stage 3).
 
 Every function is pure: randomness comes in as arguments (a permutation, a
 lambda), so tests can compare against hand-computed values.
@@ -166,6 +166,19 @@ def mixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_u: tor
     lx = -(F.log_softmax(logits_x.float(), 1) * targets_x).sum(1).mean()
     lu = ((logits_u.float().softmax(1) - targets_u) ** 2).mean()
     return lx, lu
+
+
+def weight_given_label(p: torch.Tensor, given: torch.Tensor, weight: float, gate: float) -> torch.Tensor:
+    """Guessed class probabilities ``p`` (N, C) with each row's given label (``given``,
+    int64 (N,)) up-weighted by ``weight`` where it is plausible - its probability at
+    least ``gate`` times the row's largest - and renormalised. Rows where it is not are
+    returned unchanged. A Bayesian reading: the given label is evidence for its class,
+    weighed only where the model does not confidently contradict it."""
+    idx = given[:, None]
+    py = p.gather(1, idx)
+    plausible = py >= gate * p.max(1, keepdim=True).values
+    out = p.scatter(1, idx, torch.where(plausible, py * weight, py))
+    return out / out.sum(1, keepdim=True)
 
 
 def linear_rampup(progress: float, length: float) -> float:
