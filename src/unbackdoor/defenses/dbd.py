@@ -91,7 +91,9 @@ from ..training.progress import Progress
 from .dbd_config import (  # noqa: F401  (re-exported: the configs are part of this module's API)
     GUARDS, PRESETS, DBDConfig, LinearConfig, MixMatchConfig, SimCLRConfig, _plain, dbd_preset,
 )
-from .dbd_split import Split, detection_table, loss_auroc, sample_losses, split_by_loss  # noqa: F401 - re-exported
+from .dbd_split import (  # noqa: F401 - re-exported
+    Split, class_balance, detection_table, knn_agreement, loss_auroc, sample_losses, split_by_loss,
+)
 from .losses import (
     NTXentLoss, linear_rampup, mixmatch_loss, mixup, mixup_lambda, sharpen, symmetric_cross_entropy, weight_given_label,
 )
@@ -610,9 +612,13 @@ def run_dbd(
     kw = {"seed": cfg.seed, "engine": opts}
     t0 = time.perf_counter()
     s1 = simclr_stage(model, train, cfg.simclr, ck("simclr"), resume, on_epoch=cb("simclr"), **kw)
+    s1.extra["features"] = {"knn_agreement": knn_agreement(model, train, seed=cfg.seed)}  # observable: given labels
+    if test is not None and ctx.is_main:
+        s1.extra["features"]["knn_test_accuracy"] = knn_agreement(model, train, test)  # for reports only
     s2 = linear_stage(model, train, cfg.linear, ck("linear"), resume, on_epoch=cb("linear"),
                       eval_batch_size=cfg.eval_batch_size, **kw)
     metrics: dict = {"n_train": len(train), "precision": s1.precision,
+                     "stage1": s1.extra["features"],
                      "stage2": {"guard": cfg.linear.guard, "guard_epoch": s2.extra["guard_epoch"],
                                 "epochs_trained": len(s2.history)}}
     if test is not None and ctx.is_main:
@@ -630,7 +636,9 @@ def run_dbd(
         metrics["after_stage3"] = evaluate(model, test, attack, cfg.eval_batch_size)
         metrics.update({k: metrics["after_stage3"][k] for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")
                         if k in metrics["after_stage3"]})
-    detection: dict = {"n_flagged": int((~split.kept).sum()), "epsilon": cfg.mixmatch.epsilon}
+    detection: dict = {"n_flagged": int((~split.kept).sum()), "epsilon": cfg.mixmatch.epsilon,
+                       "class_balance": class_balance(train, split),
+                       "class_balance_after_stage2": class_balance(train, split2)}
     if train.poisoned is not None:
         detection.update(detection_scores(~split.kept, train.poisoned))
         detection["auroc"] = loss_auroc(split.losses, train.poisoned)

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.dataset import ImageDataset
@@ -154,3 +155,52 @@ def detection_table(train: ImageDataset, split: Split) -> str:
             row.append(int(pois[i]))
         w.writerow(row)
     return buf.getvalue()
+
+
+@torch.no_grad()
+def knn_agreement(model: nn.Module, data: ImageDataset, queries: ImageDataset | None = None, k: int = 20,
+                  max_queries: int = 4096, batch_size: int = 512, seed: int = 0) -> float:
+    """How well ``model``'s penultimate features predict ``data``'s labels by k-NN
+    (cosine similarity, votes weighted by exp(sim / 0.1)).
+
+    Without ``queries``: leave-one-out agreement with ``data``'s own (given, possibly
+    poisoned) labels on up to ``max_queries`` of its samples - what a run can observe.
+    With ``queries`` (e.g. a clean test set): k-NN accuracy on them, for reports."""
+    from ..models.io import penultimate_features
+
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def feats(images: torch.Tensor) -> torch.Tensor:
+        out = [penultimate_features(model, images[i: i + batch_size].to(dev).float().div_(255)).flatten(1).float()
+               for i in range(0, len(images), batch_size)]
+        return F.normalize(torch.cat(out), dim=1)
+
+    try:
+        bank, labels = feats(data.images), data.labels.to(dev)
+        if queries is None:
+            n = len(data)
+            pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_queries] if n > max_queries \
+                else torch.arange(n)
+            q, truth, self_idx = bank[pick.to(dev)], labels[pick.to(dev)], pick.to(dev)
+        else:
+            q, truth, self_idx = feats(queries.images), queries.labels.to(dev), None
+        correct = 0
+        for i in range(0, len(q), batch_size):
+            sim = q[i: i + batch_size] @ bank.T
+            if self_idx is not None:  # leave one out
+                sim[torch.arange(len(sim), device=dev), self_idx[i: i + batch_size]] = -2.0
+            v, j = sim.topk(min(k, len(bank) - (self_idx is not None)), dim=1)
+            votes = torch.zeros(len(sim), data.num_classes, device=dev).scatter_add_(1, labels[j], (v / 0.1).exp())
+            correct += int((votes.argmax(1) == truth[i: i + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(1, len(q))
+
+
+def class_balance(train: ImageDataset, split: Split) -> dict:
+    """Per class (by name): samples with that given label, and how many of them the split keeps labelled."""
+    n = torch.bincount(train.labels.cpu(), minlength=train.num_classes).tolist()
+    kept = torch.bincount(train.labels.cpu()[split.kept], minlength=train.num_classes).tolist()
+    return {name: {"n": n[c], "kept": kept[c]} for c, name in enumerate(train.classes)}
