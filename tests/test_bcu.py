@@ -31,6 +31,7 @@ from unbackdoor.defenses.bcu import (
     kd_loss,
     layer_schedule,
     load_unlabeled,
+    resolve_epochs,
     match_input,
     reinitialize,
     run_bcu,
@@ -163,7 +164,7 @@ def badnets_model(mnist_splits):
 
 def test_bcu_lowers_asr_on_an_attacked_model(badnets_model, tmp_path):
     teacher, pd = badnets_model
-    cfg = quiet(bcu_preset("quick"), epochs=15, eval_every=5)  # ASR settles in ~5-10 epochs
+    cfg = quiet(bcu_preset("quick"), epochs=15, steps=None, eval_every=5)  # ASR settles in ~5-10 epochs
     res = run_bcu(teacher, pd.heldout, cfg, out_dir=tmp_path / "bcu", test=pd.test, attack=pd.attack)
     before, after = res.metrics["before"], res.metrics["after"]
     assert before["attack_success_rate"] > 0.8, before  # the attack worked
@@ -178,6 +179,16 @@ def test_bcu_lowers_asr_on_an_attacked_model(badnets_model, tmp_path):
     x = pd.test.images[:64].float() / 255
     assert torch.allclose(reloaded(x), res.model.cpu()(x), atol=1e-5)
     assert [h["epoch"] for h in res.history if "attack_success_rate" in h] == [5, 10, 15]
+
+
+def test_quick_preset_budgets_steps_whatever_the_pool_size():
+    q = bcu_preset("quick")
+    assert (q.steps, q.batch_size) == (4800, 32)
+    assert resolve_epochs(q, 500).epochs == 300  # 16 steps an epoch
+    assert resolve_epochs(q, 5000).epochs == 31  # 157 steps an epoch
+    assert resolve_epochs(bcu_preset("paper"), 500).epochs == 100  # no step budget: epochs as given
+    with pytest.raises(UnbackdoorError, match="steps"):
+        replace(q, steps=0).validate()
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(badnets_model, tmp_path):

@@ -120,6 +120,7 @@ def bad_files(tmp_path_factory, clean_cnn):
     np.savez(d / "mismatched.npz", images=np.zeros((5, 28, 28), np.uint8), labels=np.zeros(4, np.int64))
     np.savez(d / "rgb32.npz", images=np.zeros((20, 32, 32, 3), np.uint8), labels=np.arange(20) % 10)
     np.savez(d / "five_classes.npz", images=np.zeros((20, 28, 28), np.uint8), labels=np.arange(20) % 5)
+    np.savez(d / "empty.npz", images=np.zeros((0, 28, 28), np.uint8), labels=np.zeros(0, np.int64))
     models = {}
     for name in ("garbage_weights", "garbage_json", "wrong_arch", "bad_arch_args", "no_weights"):
         models[name] = save_model(clean_cnn, d / name)
@@ -190,6 +191,11 @@ def _cases(data: Path, model: Path, bad: Path, new: Path) -> list[tuple[list, st
         ([*train, "--config", bad / "bad_type.yaml"], r"epochs must be an integer, got 'three'"),
         ([*train, "--config", bad / "not_yaml.yaml"], r"invalid YAML"),
         ([*train, "--epochs", "0"], r"--epochs must be >= 1"),
+        # an empty dataset is refused before anything is written
+        (["train", "--data", bad / "empty.npz", "--out", new, *FAST], r"0 images"),
+        (["dbd", "--data", bad / "empty.npz", "--out", new, "--preset", "quick", *FAST], r"0 images"),
+        (["bcu", "--model", model, "--unlabeled", bad / "empty.npz", "--data", data, "--out", new, *FAST],
+         r"unlabeled set is empty"),
     ]
 
 
@@ -203,6 +209,7 @@ CASE_IDS = [
     "missing-weights", "model-is-a-file",
     "train-out-not-empty", "poison-out-not-empty", "out-is-a-file",
     "config-unknown-key", "config-unknown-nested-key", "config-wrong-type", "config-not-yaml", "epochs-0",
+    "train-empty-data", "dbd-empty-data", "bcu-empty-unlabeled",
 ]
 
 

@@ -34,7 +34,9 @@ from unbackdoor.defenses.losses import (
     mixup_lambda,
     sharpen,
     symmetric_cross_entropy,
+    weight_given_label,
 )
+from unbackdoor.training.budget import PlateauBudget
 from unbackdoor.errors import UnbackdoorError
 from unbackdoor.models import create, load_model
 from unbackdoor.training.engine import EngineOptions
@@ -216,11 +218,69 @@ def test_split_class_floor_keeps_every_class_labelled(poisoned):
         split_by_loss(model, ds, 0.3, class_floor=0.4)
 
 
+def test_balanced_split_gives_every_class_its_quota_and_caps_an_inflated_one(poisoned):
+    ds, _ = poisoned  # class 0 holds its own 60 digits plus the 60 relabelled ones
+    model = tiny_model()
+    linear_stage(model, ds, LinearConfig(epochs=2, guard="none"), seed=0, engine=FP32)
+    with torch.no_grad():
+        model.fc.bias[2] -= 100.0  # class 2 now has the highest losses: a global ranking drops it
+    sizes = torch.bincount(ds.labels, minlength=10)
+    median = float(sizes.float().median())
+    assert int(sizes[0]) > median  # the poisoned class is inflated
+    s = split_by_loss(model, ds, 0.5, balanced=True)
+    for c in range(10):
+        of_c = ds.labels == c
+        assert int((s.kept & of_c).sum()) == int(0.5 * min(int(of_c.sum()), median))
+        rest = of_c & ~s.kept
+        if bool(rest.any()):  # within a class, its lowest-loss samples
+            assert s.losses[s.kept & of_c].max() <= s.losses[rest].min()
+    assert int(s.kept[ds.labels == 2].sum()) > 0
+    assert s.agreeing is not None and s.quality(None)["agreement"] == pytest.approx(float(s.agreeing.float().mean()))
+
+
+def test_weight_given_label_matches_hand_computed_values():
+    p = torch.tensor([[0.6, 0.3, 0.1], [0.9, 0.05, 0.05]])
+    out = weight_given_label(p, torch.tensor([1, 2]), 3.0, 0.3)
+    # row 0: label 1 is plausible (0.3 >= 0.3 * 0.6): [0.6, 0.9, 0.1] / 1.6; row 1: 0.05 < 0.27, unchanged
+    assert torch.allclose(out, torch.tensor([[0.6 / 1.6, 0.9 / 1.6, 0.1 / 1.6], [0.9, 0.05, 0.05]]))
+    assert torch.allclose(weight_given_label(p, torch.tensor([1, 2]), 1.0, 0.0), p)
+
+
+def test_plateau_budget_cools_down_once_the_signal_stops_rising():
+    b = PlateauBudget(min_epochs=2, max_epochs=50, patience=2, delta=0.01, cooldown=0.5)
+    for epoch, signal in enumerate([0.5, 0.6, 0.6, 0.605, 0.61]):
+        b.observe(epoch, signal)
+    # epochs 2 and 3 did not rise by delta: the cool-down starts at 3 and lasts ceil(0.5 * 3) = 2
+    assert (b.state["cool_start"], b.end) == (3, 5)
+    assert b.lr_factor(2.5) == 1.0 and b.lr_factor(3.0) == pytest.approx(1.0) and b.lr_factor(5.0) == pytest.approx(0.0)
+    assert b.lr_factor(4.0) == pytest.approx(0.5)
+    again = PlateauBudget(2, 50, 2, 0.01, 0.5, state=dict(b.state))  # what a resumed run rebuilds
+    assert again.end == b.end and again.lr_factor(4.0) == b.lr_factor(4.0)
+    capped = PlateauBudget(min_epochs=0, max_epochs=3, patience=10, delta=0.0, cooldown=1.0)
+    for epoch in range(4):
+        capped.observe(epoch, float(epoch))  # always rising: the limit forces the cool-down
+    assert (capped.state["cool_start"], capped.end) == (3, 6)
+
+
+def test_mixmatch_plateau_budget_decides_the_length_and_writes_it(small):
+    model = tiny_model()
+    linear_stage(model, small, LinearConfig(epochs=2, guard="none"), seed=0, engine=FP32)
+    cfg = MixMatchConfig(epochs=3, iterations=4, batch_size=32, rampup_epochs=1, plateau_patience=1,
+                         plateau_delta=0.5)  # agreement never rises by 0.5: cool-down after the ramp
+    res = mixmatch_stage(model, small, cfg, seed=0, engine=FP32)
+    h = res.history
+    assert len(h) == 2 * h[-1]["cooldown_from"]  # the cool-down is as long as the constant-rate part
+    assert (len(h), h[0]["cooldown_from"], h[1]["cooldown_from"]) == (2, None, 1)
+    assert all("split_agreement" in r for r in h)
+
+
 def test_mixmatch_stage_fine_tunes_the_whole_model(small):
     model = tiny_model()
     linear_stage(model, small, LinearConfig(epochs=2, guard="none"), seed=0, engine=FP32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = MixMatchConfig(epochs=2, iterations=8, batch_size=32)
+    # the reference: a global split of half the samples, a fixed number of epochs
+    cfg = MixMatchConfig(epochs=2, iterations=8, batch_size=32, epsilon=0.5, balanced=False, budget="fixed",
+                         label_prior=1.0)
     res = mixmatch_stage(model, small, cfg, seed=0, engine=FP32)
     after = model.state_dict()
     assert not torch.equal(before["backbone.0.weight"], after["backbone.0.weight"])
@@ -319,10 +379,15 @@ def test_cli_runs_dbd_on_an_npz_and_refuses_a_used_out_dir(poisoned, tmp_path, c
 
 def test_presets_and_config_errors():
     q = dbd_preset("quick")
-    assert (q.simclr.epochs, q.simclr.batch_size, q.mixmatch.epochs, q.mixmatch.iterations) == (50, 256, 6, 200)
+    assert (q.simclr.epochs, q.simclr.batch_size, q.mixmatch.epochs, q.mixmatch.iterations) == (50, 256, 40, 200)
+    assert (q.mixmatch.budget, q.mixmatch.balanced, q.mixmatch.label_prior) == ("plateau", True, 5.0)
     p = dbd_preset("paper")
     assert (p.simclr.temperature, p.linear.sce_alpha, p.linear.sce_beta, p.linear.lr) == (0.5, 0.1, 1.0, 2e-3)
-    assert (p.mixmatch.epsilon, p.mixmatch.temperature, p.mixmatch.alpha, p.mixmatch.lambda_u) == (0.5, 0.5, 0.75, 15.0)
+    assert (p.mixmatch.temperature, p.mixmatch.alpha, p.mixmatch.lambda_u) == (0.5, 0.75, 15.0)
+    with pytest.raises(UnbackdoorError, match="stage-3 budget"):
+        override(dbd_preset("quick"), {"mixmatch": {"budget": "forever"}}).validate()
+    with pytest.raises(UnbackdoorError, match="label_prior"):
+        override(dbd_preset("quick"), {"mixmatch": {"label_prior": 0.5}}).validate()
     with pytest.raises(UnbackdoorError, match="unknown preset"):
         dbd_preset("fast")
     with pytest.raises(UnbackdoorError, match="guard"):

@@ -13,3 +13,7 @@ class UnbackdoorError(Exception):
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> UnbackdoorError:
     """Error for an unknown registry name that lists the valid ones."""
     return UnbackdoorError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(valid))}")
+
+
+class EmptyDataset(UnbackdoorError):
+    """A dataset (training set, unlabeled pool, test set) holds no images where some are needed."""

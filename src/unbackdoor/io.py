@@ -134,6 +134,25 @@ def prepare_out_dir(path: str | os.PathLike, *, force: bool = False, resume: boo
 
 
 @contextlib.contextmanager
+def rollback_on_failure(out: Path | None, was_missing: bool, enabled: bool = True) -> Iterator[None]:
+    """Undo a run's output folder when the run fails before writing its first checkpoint.
+
+    A run that cannot resume (no ``*.pt`` under ``out``) leaves ``out`` as it found it:
+    removed if it did not exist (``was_missing``), emptied otherwise. After a
+    checkpoint the folder is kept, so ``--resume`` can continue it."""
+    try:
+        yield
+    except BaseException:
+        if enabled and out is not None and out.is_dir() and not any(out.rglob("*.pt")):
+            if was_missing:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for child in out.iterdir():
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def staged_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Build a whole output folder in a temporary sibling and move it into place at the end.
 

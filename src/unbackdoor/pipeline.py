@@ -13,8 +13,8 @@ from torch import nn
 from .attacks.base import check_rate, make_attack
 from .config import to_dict
 from .data.loaders import dataset_info, load_splits
-from .errors import UnbackdoorError
-from .io import prepare_out_dir, staged_dir, write_json, write_yaml
+from .errors import EmptyDataset, UnbackdoorError
+from .io import prepare_out_dir, rollback_on_failure, staged_dir, write_json, write_yaml
 from .metrics import evaluate as evaluate_model
 from .models.io import load_model, save_model
 from .models.registry import create, model_names
@@ -46,6 +46,7 @@ def poison(dataset: str, attack: str, out: str | os.PathLike, rate: float = 0.1,
         "dataset": dataset, "attack": attack, "rate": rate, "target": target, "mode": mode, "seed": seed,
         "flip": flip, "n_train": len(ptrain), "n_poisoned": int(mask.sum()), "n_test": len(splits.test),
         "n_heldout": len(splits.heldout), "image_shape": list(ptrain.shape), "num_classes": ptrain.num_classes,
+        "classes": list(ptrain.classes),
         "poison_seconds": round(time.perf_counter() - t0, 3),
     }
     if "noise_mask" in ptrain.meta:
@@ -84,19 +85,23 @@ def train(data: str | os.PathLike | PoisonedData, out: str | os.PathLike, model:
     train_set = pd.train
     if clean:
         train_set = pd.clean_train()
+    if len(train_set) == 0:
+        raise EmptyDataset(f"the training set of {data if not isinstance(data, PoisonedData) else 'the data'} holds 0 images")
     arch = model if isinstance(model, str) else getattr(model, "arch", {}).get("name", "custom")
     set_seed(cfg.seed)
     net = build_model(model, pd) if isinstance(model, str) else model
     ctx = current_context()
+    was_missing = not Path(out).exists()
     if ctx.is_main:
         out = prepare_out_dir(out, force=force, resume=resume)
     ctx.barrier()
     out = Path(out)
-    if ctx.is_main:
-        write_yaml(out / "config.yaml", {"command": "train", "data": "api" if isinstance(data, PoisonedData) else str(data),
-                                     "model": arch, "clean": clean, "train": to_dict(cfg)})
-    evaluate = (lambda m: {k: v for k, v in evaluate_model(m, pd.test, pd.attack).items() if not k.startswith("n_")})
-    res = fit(net, train_set, cfg, checkpoint=out / "checkpoint.pt", resume=resume, evaluate=evaluate)
+    with rollback_on_failure(out, was_missing, ctx.is_main and not resume):
+        if ctx.is_main:
+            write_yaml(out / "config.yaml", {"command": "train", "model": arch, "clean": clean, "train": to_dict(cfg),
+                                             "data": "api" if isinstance(data, PoisonedData) else str(data)})
+        evaluate = (lambda m: {k: v for k, v in evaluate_model(m, pd.test, pd.attack).items() if not k.startswith("n_")})
+        res = fit(net, train_set, cfg, checkpoint=out / "checkpoint.pt", resume=resume, evaluate=evaluate)
     if not ctx.is_main:  # only rank 0 writes (issue 7); the others return its model unsaved
         return {}
     metrics = evaluate_model(res.model, pd.test, pd.attack)

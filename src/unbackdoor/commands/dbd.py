@@ -29,6 +29,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config, override
+    from ..errors import EmptyDataset
     from ..defenses.dbd import dbd_preset, run_dbd
     from ..pipeline import build_model
     from ..rundir import load_data
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = override(cfg, {"engine": vars(engine_options(args))})
     cfg.validate()
     pd = load_data(args.data)
+    if len(pd.train) == 0:
+        raise EmptyDataset(f"{args.data}: the training set holds 0 images")
     set_seed(cfg.seed)
     model = build_model(args.model, pd)
     res = run_dbd(model, pd, cfg, out_dir=args.out, resume=args.resume, force=args.force,

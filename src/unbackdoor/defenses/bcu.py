@@ -71,7 +71,7 @@ from torch import nn
 from ..data.augment import WeakAugment, check_grating, random_grating
 from ..data.dataset import ImageDataset
 from ..data.unlabeled import load_unlabeled, match_input  # noqa: F401 - part of this module's API
-from ..errors import UnbackdoorError, unknown_name
+from ..errors import EmptyDataset, UnbackdoorError, unknown_name
 from ..training.budget import PlateauBudget
 from ..training.engine import Engine, EngineOptions, checkpoint_precision
 from ..training.progress import Progress
@@ -269,7 +269,7 @@ def distill(
     cfg = cfg or BCUConfig()
     cfg.validate()
     if len(unlabeled) == 0:
-        raise UnbackdoorError("the unlabeled set is empty")
+        raise EmptyDataset("the unlabeled set is empty: BCU needs at least one image")
     cfg = resolve_epochs(cfg, len(unlabeled))
     prec = checkpoint_precision(checkpoint) if (resume and checkpoint) else None
     eng = Engine(student, unlabeled.shape, cfg.engine, seed=cfg.seed, batch_size=cfg.batch_size, precision=prec)
@@ -402,7 +402,7 @@ def run_bcu(
         test, attack: clean test set and the attack, for BA / ASR / RA before and after and DER.
     Returns a :class:`BCUResult`.
     """
-    from ..io import prepare_out_dir, write_json, write_yaml
+    from ..io import prepare_out_dir, rollback_on_failure, write_json, write_yaml
     from ..metrics import der
     from ..models.io import save_model
     from ..training.distributed import current_context, run_on_main
@@ -410,7 +410,7 @@ def run_bcu(
     cfg = cfg or BCUConfig()
     cfg.validate()
     if len(unlabeled) == 0:
-        raise UnbackdoorError("the unlabeled set is empty")
+        raise EmptyDataset("the unlabeled set is empty: BCU needs at least one image")
     cfg = resolve_epochs(cfg, len(unlabeled))
     arch = getattr(teacher, "arch", None)
     if arch is not None:
@@ -421,42 +421,44 @@ def run_bcu(
         if test is not None and test.shape != want:
             raise UnbackdoorError(f"test images are {test.shape} but the model expects {want}")
     # Under torchrun every rank runs this (distill shards the batches); only rank 0
-    # prepares OUT, evaluates and writes, the others wait at the barriers (issue 7).
+    # prepares OUT, evaluates and writes, the others wait at the barriers.
     ctx = current_context()
+    was_missing = out_dir is not None and not Path(out_dir).exists()
     out = Path(run_on_main(ctx, lambda: prepare_out_dir(out_dir, force=force, resume=resume))) if out_dir is not None else None
-    schedule = layer_schedule(teacher, cfg)
-    if cfg.ablation != "none":  # both ablations start from the teacher itself
-        schedule = [LayerP(lp.name, lp.kind, lp.group, 0.0, "ablation") for lp in schedule]
-    student = reinitialize(teacher, schedule, seed=cfg.seed, linear_init=cfg.linear_init)
-    if out is not None and ctx.is_main:
-        write_yaml(out / "config.yaml", {"command": "bcu", "bcu": _plain_config(cfg), "n_unlabeled": len(unlabeled),
-                                         "unlabeled": unlabeled.meta.get("source", unlabeled.name),
-                                         **({"provenance": provenance} if provenance else {})})
-        write_json(out / "schedule.json", [asdict(lp) for lp in schedule])
-    before = _eval(teacher, test, attack) if ctx.is_main else {}
-    evaluate = None
-    if test is not None:
-        evaluate = lambda m: {k: v for k, v in _eval(m, test, attack).items() if not k.startswith("n_")}  # noqa: E731
-    res = distill(teacher, student, unlabeled, cfg, checkpoint=out / "checkpoint.pt" if out else None,
-                  resume=resume, evaluate=evaluate)
-    metrics: dict = {"ablation": cfg.ablation, "n_unlabeled": len(unlabeled), "epochs": cfg.epochs,
-                     "distill_seconds": round(res.seconds, 2), "precision": res.precision,
-                     "images_per_second": round(sum(h["images_per_second"] for h in res.history) / len(res.history), 1)
-                     if res.history else None, "world_size": ctx.world_size}
-    if test is not None and ctx.is_main:
-        after = _eval(res.model, test, attack)
-        metrics.update({"before": before, "after": after})
-        if attack is not None:
-            metrics["der"] = der(before["clean_accuracy"], before["attack_success_rate"],
-                                 after["clean_accuracy"], after["attack_success_rate"])
-    if out is not None and ctx.is_main:
-        if getattr(res.model, "arch", None) is not None:
-            save_model(res.model, out, classes=getattr(teacher, "classes", None),
-                       provenance={"command": "bcu", "ablation": cfg.ablation, **(provenance or {})})
-        write_json(out / "history.json", res.history)
-        write_json(out / "metrics.json", metrics)
-    ctx.barrier()
-    return BCUResult(res.model, metrics, res.history, schedule)
+    with rollback_on_failure(out, was_missing, ctx.is_main and not resume):
+        schedule = layer_schedule(teacher, cfg)
+        if cfg.ablation != "none":  # both ablations start from the teacher itself
+            schedule = [LayerP(lp.name, lp.kind, lp.group, 0.0, "ablation") for lp in schedule]
+        student = reinitialize(teacher, schedule, seed=cfg.seed, linear_init=cfg.linear_init)
+        if out is not None and ctx.is_main:
+            write_yaml(out / "config.yaml", {"command": "bcu", "bcu": _plain_config(cfg), "n_unlabeled": len(unlabeled),
+                                             "unlabeled": unlabeled.meta.get("source", unlabeled.name),
+                                             **({"provenance": provenance} if provenance else {})})
+            write_json(out / "schedule.json", [asdict(lp) for lp in schedule])
+        before = _eval(teacher, test, attack) if ctx.is_main else {}
+        evaluate = None
+        if test is not None:
+            evaluate = lambda m: {k: v for k, v in _eval(m, test, attack).items() if not k.startswith("n_")}  # noqa: E731
+        res = distill(teacher, student, unlabeled, cfg, checkpoint=out / "checkpoint.pt" if out else None,
+                      resume=resume, evaluate=evaluate)
+        metrics: dict = {"ablation": cfg.ablation, "n_unlabeled": len(unlabeled), "epochs": cfg.epochs,
+                         "distill_seconds": round(res.seconds, 2), "precision": res.precision,
+                         "images_per_second": round(sum(h["images_per_second"] for h in res.history) / len(res.history), 1)
+                         if res.history else None, "world_size": ctx.world_size}
+        if test is not None and ctx.is_main:
+            after = _eval(res.model, test, attack)
+            metrics.update({"before": before, "after": after})
+            if attack is not None:
+                metrics["der"] = der(before["clean_accuracy"], before["attack_success_rate"],
+                                     after["clean_accuracy"], after["attack_success_rate"])
+        if out is not None and ctx.is_main:
+            if getattr(res.model, "arch", None) is not None:
+                save_model(res.model, out, classes=getattr(teacher, "classes", None),
+                           provenance={"command": "bcu", "ablation": cfg.ablation, **(provenance or {})})
+            write_json(out / "history.json", res.history)
+            write_json(out / "metrics.json", metrics)
+        ctx.barrier()
+        return BCUResult(res.model, metrics, res.history, schedule)
 
 
 def cleanse(

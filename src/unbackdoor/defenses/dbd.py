@@ -82,7 +82,7 @@ from torch import nn
 
 from ..data.augment import SimCLRAugment, WeakAugment, random_grating, random_patches
 from ..data.dataset import ImageDataset
-from ..errors import UnbackdoorError
+from ..errors import EmptyDataset, UnbackdoorError
 from ..models.io import last_linear, penultimate_features, unwrap
 from ..training.distributed import current_context, run_on_main
 from ..training.budget import PlateauBudget
@@ -579,7 +579,7 @@ def run_dbd(
             A non-empty folder needs ``resume`` (continue from the checkpoints) or ``force``.
         on_epoch: called as ``on_epoch(stage, record)`` after every epoch's checkpoint.
     """
-    from ..io import prepare_out_dir, write_json, write_text, write_yaml
+    from ..io import prepare_out_dir, rollback_on_failure, write_json, write_text, write_yaml
     from ..metrics import detection_scores, evaluate
     from ..models.io import save_model
     from ..training.device import pick_device, resolve_precision
@@ -593,78 +593,84 @@ def run_dbd(
                               f"data has {train.shape}")
     if arch is not None and arch["num_classes"] != train.num_classes:
         raise UnbackdoorError(f"model has {arch['num_classes']} classes, data has {train.num_classes}")
-    ctx = current_context()  # under torchrun every rank runs this; only rank 0 writes (issue 7)
+    if len(train) == 0:
+        raise EmptyDataset("DBD needs a non-empty training set, got 0 images")
+    if len(train) < cfg.simclr.batch_size:
+        raise UnbackdoorError(f"simclr.batch_size {cfg.simclr.batch_size} exceeds the {len(train)} training images")
+    ctx = current_context()  # under torchrun every rank runs this; only rank 0 writes
+    was_missing = out_dir is not None and not Path(out_dir).exists()
     out = Path(run_on_main(ctx, lambda: prepare_out_dir(out_dir, force=force, resume=resume))) if out_dir is not None else None
-    ck = (lambda name: out / "checkpoints" / f"{name}.pt") if out is not None else (lambda name: None)
-    # Resolve 'auto' precision once (a measured probe) and use it in every stage.
-    opts = cfg.engine
-    if opts.precision == "auto":
-        existing = [p for p in (ck("simclr"), ck("linear"), ck("mixmatch")) if p is not None and resume and p.exists()]
-        prec = checkpoint_precision(existing[0]) if existing else resolve_precision(
-            "auto", model, train.shape, pick_device(opts.device), cfg.simclr.batch_size)
-        opts = replace(opts, precision=ctx.broadcast_object(prec.name))  # ranks agree on rank 0's probe
-    cfg = replace(cfg, engine=opts)
-    if out is not None and ctx.is_main:
-        write_yaml(out / "config.yaml", {"command": "dbd", "dbd": _plain(cfg), "data": meta.get("source", train.name),
-                                         "model": (arch or {}).get("name", type(model).__name__),
-                                         **({"provenance": provenance} if provenance else {})})
-    cb = (lambda stage: (lambda rec: on_epoch(stage, rec))) if on_epoch is not None else (lambda stage: None)
-    kw = {"seed": cfg.seed, "engine": opts}
-    t0 = time.perf_counter()
-    s1 = simclr_stage(model, train, cfg.simclr, ck("simclr"), resume, on_epoch=cb("simclr"), **kw)
-    s1.extra["features"] = {"knn_agreement": knn_agreement(model, train, seed=cfg.seed)}  # observable: given labels
-    if test is not None and ctx.is_main:
-        s1.extra["features"]["knn_test_accuracy"] = knn_agreement(model, train, test)  # for reports only
-    s2 = linear_stage(model, train, cfg.linear, ck("linear"), resume, on_epoch=cb("linear"),
-                      eval_batch_size=cfg.eval_batch_size, **kw)
-    metrics: dict = {"n_train": len(train), "precision": s1.precision,
-                     "stage1": s1.extra["features"],
-                     "stage2": {"guard": cfg.linear.guard, "guard_epoch": s2.extra["guard_epoch"],
-                                "epochs_trained": len(s2.history)}}
-    if test is not None and ctx.is_main:
-        metrics["after_stage2"] = evaluate(model, test, attack, cfg.eval_batch_size)
-    split2 = split_by_loss(model, train, cfg.mixmatch.epsilon, cfg.mixmatch.sce_alpha, cfg.mixmatch.sce_beta,
-                           cfg.eval_batch_size, ctx, cfg.mixmatch.class_floor, cfg.mixmatch.balanced)
-    ev = None
-    if test is not None:
-        ev = lambda m: {k: v for k, v in evaluate(m, test, attack, cfg.eval_batch_size).items() if not k.startswith("n_")}  # noqa: E731
-    s3 = mixmatch_stage(model, train, cfg.mixmatch, ck("mixmatch"), resume, on_epoch=cb("mixmatch"), evaluate=ev,
-                        eval_batch_size=cfg.eval_batch_size, **kw)
-    model = s3.model
-    split: Split = s3.extra["split"]
-    if test is not None and ctx.is_main:
-        metrics["after_stage3"] = evaluate(model, test, attack, cfg.eval_batch_size)
-        metrics.update({k: metrics["after_stage3"][k] for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")
-                        if k in metrics["after_stage3"]})
-    detection: dict = {"n_flagged": int((~split.kept).sum()), "epsilon": cfg.mixmatch.epsilon,
-                       "class_balance": class_balance(train, split),
-                       "class_balance_after_stage2": class_balance(train, split2)}
-    if train.poisoned is not None:
-        detection.update(detection_scores(~split.kept, train.poisoned))
-        detection["auroc"] = loss_auroc(split.losses, train.poisoned)
-        detection["after_stage2"] = {**detection_scores(~split2.kept, train.poisoned),
-                                     "auroc": loss_auroc(split2.losses, train.poisoned)}
-    metrics["detection"] = dict(detection)
-    detection["flagged_indices"] = torch.nonzero(~split.kept).flatten().tolist()
-    metrics["seconds"] = {"simclr": round(s1.seconds, 2), "linear": round(s2.seconds, 2),
-                          "mixmatch": round(s3.seconds, 2), "total": round(s1.seconds + s2.seconds + s3.seconds, 2),
-                          "this_run": round(time.perf_counter() - t0, 2)}
-    history = {"simclr": s1.history, "linear": s2.history, "mixmatch": s3.history}
-    metrics["world_size"] = ctx.world_size
-    if out is not None and ctx.is_main:
-        if arch is not None:
-            save_model(model, out, classes=train.classes, provenance={"command": "dbd", **(provenance or {}),
-                       "attack": attack.spec() if attack is not None else None})
-        else:
-            from safetensors.torch import save_file
+    with rollback_on_failure(out, was_missing, ctx.is_main and not resume):
+        ck = (lambda name: out / "checkpoints" / f"{name}.pt") if out is not None else (lambda name: None)
+        # Resolve 'auto' precision once (a measured probe) and use it in every stage.
+        opts = cfg.engine
+        if opts.precision == "auto":
+            existing = [p for p in (ck("simclr"), ck("linear"), ck("mixmatch")) if p is not None and resume and p.exists()]
+            prec = checkpoint_precision(existing[0]) if existing else resolve_precision(
+                "auto", model, train.shape, pick_device(opts.device), cfg.simclr.batch_size)
+            opts = replace(opts, precision=ctx.broadcast_object(prec.name))  # ranks agree on rank 0's probe
+        cfg = replace(cfg, engine=opts)
+        if out is not None and ctx.is_main:
+            write_yaml(out / "config.yaml", {"command": "dbd", "dbd": _plain(cfg), "data": meta.get("source", train.name),
+                                             "model": (arch or {}).get("name", type(model).__name__),
+                                             **({"provenance": provenance} if provenance else {})})
+        cb = (lambda stage: (lambda rec: on_epoch(stage, rec))) if on_epoch is not None else (lambda stage: None)
+        kw = {"seed": cfg.seed, "engine": opts}
+        t0 = time.perf_counter()
+        s1 = simclr_stage(model, train, cfg.simclr, ck("simclr"), resume, on_epoch=cb("simclr"), **kw)
+        s1.extra["features"] = {"knn_agreement": knn_agreement(model, train, seed=cfg.seed)}  # observable: given labels
+        if test is not None and ctx.is_main:
+            s1.extra["features"]["knn_test_accuracy"] = knn_agreement(model, train, test)  # for reports only
+        s2 = linear_stage(model, train, cfg.linear, ck("linear"), resume, on_epoch=cb("linear"),
+                          eval_batch_size=cfg.eval_batch_size, **kw)
+        metrics: dict = {"n_train": len(train), "precision": s1.precision,
+                         "stage1": s1.extra["features"],
+                         "stage2": {"guard": cfg.linear.guard, "guard_epoch": s2.extra["guard_epoch"],
+                                    "epochs_trained": len(s2.history)}}
+        if test is not None and ctx.is_main:
+            metrics["after_stage2"] = evaluate(model, test, attack, cfg.eval_batch_size)
+        split2 = split_by_loss(model, train, cfg.mixmatch.epsilon, cfg.mixmatch.sce_alpha, cfg.mixmatch.sce_beta,
+                               cfg.eval_batch_size, ctx, cfg.mixmatch.class_floor, cfg.mixmatch.balanced)
+        ev = None
+        if test is not None:
+            ev = lambda m: {k: v for k, v in evaluate(m, test, attack, cfg.eval_batch_size).items() if not k.startswith("n_")}  # noqa: E731
+        s3 = mixmatch_stage(model, train, cfg.mixmatch, ck("mixmatch"), resume, on_epoch=cb("mixmatch"), evaluate=ev,
+                            eval_batch_size=cfg.eval_batch_size, **kw)
+        model = s3.model
+        split: Split = s3.extra["split"]
+        if test is not None and ctx.is_main:
+            metrics["after_stage3"] = evaluate(model, test, attack, cfg.eval_batch_size)
+            metrics.update({k: metrics["after_stage3"][k] for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")
+                            if k in metrics["after_stage3"]})
+        detection: dict = {"n_flagged": int((~split.kept).sum()), "epsilon": cfg.mixmatch.epsilon,
+                           "class_balance": class_balance(train, split),
+                           "class_balance_after_stage2": class_balance(train, split2)}
+        if train.poisoned is not None:
+            detection.update(detection_scores(~split.kept, train.poisoned))
+            detection["auroc"] = loss_auroc(split.losses, train.poisoned)
+            detection["after_stage2"] = {**detection_scores(~split2.kept, train.poisoned),
+                                         "auroc": loss_auroc(split2.losses, train.poisoned)}
+        metrics["detection"] = dict(detection)
+        detection["flagged_indices"] = torch.nonzero(~split.kept).flatten().tolist()
+        metrics["seconds"] = {"simclr": round(s1.seconds, 2), "linear": round(s2.seconds, 2),
+                              "mixmatch": round(s3.seconds, 2), "total": round(s1.seconds + s2.seconds + s3.seconds, 2),
+                              "this_run": round(time.perf_counter() - t0, 2)}
+        history = {"simclr": s1.history, "linear": s2.history, "mixmatch": s3.history}
+        metrics["world_size"] = ctx.world_size
+        if out is not None and ctx.is_main:
+            if arch is not None:
+                save_model(model, out, classes=train.classes, provenance={"command": "dbd", **(provenance or {}),
+                           "attack": attack.spec() if attack is not None else None})
+            else:
+                from safetensors.torch import save_file
 
-            from ..io import atomic_path
+                from ..io import atomic_path
 
-            with atomic_path(out / "model.safetensors") as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}, str(tmp))
-        write_text(out / "detection.csv", detection_table(train, split))
-        write_json(out / "detection.json", detection)
-        write_json(out / "history.json", history)
-        write_json(out / "metrics.json", metrics)
-    ctx.barrier()  # the outputs exist on every rank's return
-    return DBDResult(model, split, metrics, history)
+                with atomic_path(out / "model.safetensors") as tmp:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}, str(tmp))
+            write_text(out / "detection.csv", detection_table(train, split))
+            write_json(out / "detection.json", detection)
+            write_json(out / "history.json", history)
+            write_json(out / "metrics.json", metrics)
+        ctx.barrier()  # the outputs exist on every rank's return
+        return DBDResult(model, split, metrics, history)

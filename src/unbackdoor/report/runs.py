@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from ..errors import UnbackdoorError
@@ -67,9 +68,22 @@ class DataRun:
         if mode == "all-to-all":
             bits.append("all-to-all")
         elif tgt is not None:
-            bits.append(f"target {tgt}")
+            names = self.class_names
+            named = 0 <= int(tgt) < len(names) and names[int(tgt)] != str(tgt)
+            bits.append(f"target {tgt}" + (f": {names[int(tgt)]}" if named else ""))
         ds = f" on {s['dataset']}" if s.get("dataset") else ""
         return f"{self.attack_name}{ds}" + (f" ({', '.join(bits)})" if bits else "")
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names: the poisoning statistics', else those stored in ``test.npz`` ([] if neither)."""
+        if self.stats.get("classes"):
+            return [str(c) for c in self.stats["classes"]]
+        try:
+            with np.load(self.path / "test.npz", allow_pickle=False) as z:
+                return [str(c) for c in z["classes"]] if "classes" in z.files else []
+        except (OSError, ValueError, KeyError):
+            return []
 
     @property
     def target(self) -> int | None:

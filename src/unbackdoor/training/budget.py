@@ -46,7 +46,7 @@ class PlateauBudget:
     def cooldown_progress(self, progress: float) -> float | None:
         """Fraction of the cool-down done at ``progress`` (epochs, fractional), or None before it."""
         st = self.state
-        if st["cool_start"] is None:
+        if st["cool_start"] is None or progress < st["cool_start"]:
             return None
         return min(1.0, (progress - st["cool_start"]) / (st["end"] - st["cool_start"]))
 

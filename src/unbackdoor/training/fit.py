@@ -13,6 +13,7 @@ from torch import nn
 
 from ..data.augment import WeakAugment
 from ..data.dataset import ImageDataset
+from ..errors import EmptyDataset
 from .engine import Engine, EngineOptions, checkpoint_precision
 from .progress import Progress
 
@@ -61,6 +62,8 @@ def fit(
     Returns the trained model (on the engine's device, eval mode) and per-epoch history.
     """
     cfg = cfg or TrainConfig()
+    if len(train) == 0:
+        raise EmptyDataset("cannot train on an empty dataset (0 images)")
     prec = checkpoint_precision(checkpoint) if (resume and checkpoint) else None
     eng = Engine(model, train.shape, cfg.engine, seed=cfg.seed, batch_size=cfg.batch_size, precision=prec)
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
