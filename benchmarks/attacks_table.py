@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from unbackdoor.attacks.base import attack_class
-from unbackdoor.pipeline import poison, train
+from unbackdoor.experiment.pipeline import poison, train
 from unbackdoor.training.engine import EngineOptions
 from unbackdoor.training.fit import TrainConfig
 

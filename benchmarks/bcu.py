@@ -24,15 +24,15 @@ import statistics
 import sys
 
 import torch
+from _timing import seconds_per_step
 
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.data.loaders import load_splits
-from unbackdoor.defenses.bcu import BCUConfig, distill, kd_loss, layer_schedule, reinitialize
-from unbackdoor.models import create
+from unbackdoor.defenses.bcu.distill import BCUConfig, distill, kd_loss, reinitialize
+from unbackdoor.defenses.bcu.schedule import layer_schedule
+from unbackdoor.models.registry import create
 from unbackdoor.training.device import pick_device, resolve_precision
 from unbackdoor.training.engine import EngineOptions
-
-from _timing import seconds_per_step
 
 
 def bare(teacher, student, x: torch.Tensor, steps: int, prec, dev) -> float:

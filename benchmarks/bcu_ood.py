@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from unbackdoor.cli import main as cli
-from unbackdoor.data import load_splits
+from unbackdoor.cli.main import main as cli
 from unbackdoor.data.dataset import ImageDataset
+from unbackdoor.data.loaders import load_splits
 
 
 def pools(dataset: str, out: Path) -> dict[str, Path]:
@@ -70,7 +70,7 @@ def main() -> None:
             row.append(_ba_asr(run / "metrics.json"))
         rows.append(row)
     sizes = list(ps)
-    print(f"| attack | undefended | BCU, in-distribution pool (500) | " +
+    print("| attack | undefended | BCU, in-distribution pool (500) | " +
           " | ".join(f"BCU, {args.pool} pool ({int(s):,})" for s in sizes) + " |")
     print("|---" * (3 + len(sizes)) + "|")
     for r in rows:

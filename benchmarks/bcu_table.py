@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from unbackdoor.cli import main as cli
+from unbackdoor.cli.main import main as cli
 
 # OOD: 1,259 digits images x 40 epochs at batch 32 = the same 1,600 steps as 500 x 100.
 VARIANTS = {

@@ -38,15 +38,25 @@ import time
 from statistics import median
 
 import torch
+from _timing import seconds_per_step, sync
 
 from unbackdoor.data.augment import SimCLRAugment, WeakAugment
 from unbackdoor.data.loaders import load_splits
-from unbackdoor.defenses.dbd import MixMatchConfig, ProjectionHead, SimCLRConfig, _SimCLRNet, mixmatch_stage, simclr_stage
-from unbackdoor.models import create
-from unbackdoor.training.device import Precision, pick_device, resolve_precision, tune_cpu_allocator
+from unbackdoor.defenses.dbd.config import MixMatchConfig, SimCLRConfig
+from unbackdoor.defenses.dbd.stages import (
+    ProjectionHead,
+    _SimCLRNet,
+    mixmatch_stage,
+    simclr_stage,
+)
+from unbackdoor.models.registry import create
+from unbackdoor.training.device import (
+    Precision,
+    pick_device,
+    resolve_precision,
+    tune_cpu_allocator,
+)
 from unbackdoor.training.engine import EngineOptions
-
-from _timing import seconds_per_step, sync
 
 
 def _train_step(net: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer, dev: torch.device,

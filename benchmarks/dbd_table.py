@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from unbackdoor.cli import main as cli
+from unbackdoor.cli.main import main as cli
 
 
 def main() -> None:

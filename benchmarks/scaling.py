@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def count_params(name: str, in_ch: int, size: int, classes: int = 10) -> dict:
-    from unbackdoor.models.io import last_linear
+    from unbackdoor.models.model_dir import last_linear
     from unbackdoor.models.registry import create
 
     m = create(name, num_classes=classes, in_channels=in_ch, image_size=size)

@@ -31,10 +31,20 @@ def one(n: int, precision: str, device: str) -> dict:
     import torch
 
     from unbackdoor.data.idx import fashion_mnist_root, load_idx_split, subset_per_class
-    from unbackdoor.defenses.bcu import bcu_preset, distill, layer_schedule, reinitialize
-    from unbackdoor.defenses.dbd import dbd_preset, linear_stage, mixmatch_stage, simclr_stage
-    from unbackdoor.models import create
-    from unbackdoor.training.device import pick_device, resolve_precision, tune_cpu_allocator
+    from unbackdoor.defenses.bcu.distill import bcu_preset, distill, reinitialize
+    from unbackdoor.defenses.bcu.schedule import layer_schedule
+    from unbackdoor.defenses.dbd.config import dbd_preset
+    from unbackdoor.defenses.dbd.stages import (
+        linear_stage,
+        mixmatch_stage,
+        simclr_stage,
+    )
+    from unbackdoor.models.registry import create
+    from unbackdoor.training.device import (
+        pick_device,
+        resolve_precision,
+        tune_cpu_allocator,
+    )
     from unbackdoor.training.engine import EngineOptions
 
     tune_cpu_allocator()

@@ -35,10 +35,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unbackdoor.data import load_splits
-from unbackdoor.models import create
-from unbackdoor.training import EngineOptions, Precision, TrainConfig, fit, pick_device, set_seed
-from unbackdoor.training.engine import make_optimizer
+from unbackdoor.data.loaders import load_splits
+from unbackdoor.models.registry import create
+from unbackdoor.training import fit
+from unbackdoor.training.device import Precision, pick_device
+from unbackdoor.training.engine import EngineOptions, make_optimizer, set_seed
+from unbackdoor.training.fit import TrainConfig
 
 
 def make_model(name: str, shape: tuple[int, int, int], num_classes: int, seed: int = 0) -> torch.nn.Module:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from unbackdoor.data import load_splits
+from unbackdoor.data.loaders import load_splits
 from unbackdoor.data.splits import Splits, stratified_split
-from unbackdoor.training import EngineOptions, TrainConfig
+from unbackdoor.training.engine import EngineOptions
+from unbackdoor.training.fit import TrainConfig
 
 
 def _isolate_cache(root: Path) -> None:
@@ -69,8 +70,9 @@ def mnist_small(mnist_splits: Splits) -> Splits:
 def clean_cnn(mnist_splits: Splits):
     """cnn-small trained 3 epochs (fp32, seed 0) on the clean mnist5k training split; eval mode, CPU.
     Shared: do not train or modify it."""
-    from unbackdoor.models import create
-    from unbackdoor.training import fit, set_seed
+    from unbackdoor.models.registry import create
+    from unbackdoor.training import fit
+    from unbackdoor.training.engine import set_seed
 
     set_seed(0)
     model = create("cnn-small", num_classes=10, in_channels=1, image_size=28)
@@ -83,7 +85,7 @@ def clean_cnn(mnist_splits: Splits):
 @pytest.fixture(scope="session")
 def clean_cnn_dir(clean_cnn, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``clean_cnn`` saved as a model directory (model.safetensors + model.json)."""
-    from unbackdoor.models import save_model
+    from unbackdoor.models.model_dir import save_model
 
     path = tmp_path_factory.mktemp("clean-cnn") / "model"
     save_model(clean_cnn, path, classes=[str(i) for i in range(10)], provenance={"fixture": "clean_cnn"})
@@ -94,9 +96,9 @@ def clean_cnn_dir(clean_cnn, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small_poisoned_dir(mnist_small: Splits, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A poisoned-data folder in the format ``unbackdoor poison`` writes (BadNets, 10%, target 0)
     built from ``mnist_small``: train.npz, test.npz, heldout.npz, attack.json, config.yaml, metrics.json."""
-    from unbackdoor.attacks import make_attack
-    from unbackdoor.io import write_json, write_yaml
-    from unbackdoor.rundir import save_poisoned
+    from unbackdoor.attacks.base import make_attack
+    from unbackdoor.attacks.poisoned_data import save_poisoned
+    from unbackdoor.core.files import write_json, write_yaml
 
     folder = tmp_path_factory.mktemp("poisoned-small") / "data"
     folder.mkdir()

@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from unbackdoor.attacks import attack_names, load_attack, make_attack
-from unbackdoor.data import stratified_split
+from unbackdoor.attacks.base import attack_names, load_attack, make_attack
+from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.data.augment import to_float
-from unbackdoor.errors import UnbackdoorError
+from unbackdoor.data.splits import stratified_split
 from unbackdoor.metrics import evaluate
-from unbackdoor.models import create
-from unbackdoor.training import fit, set_seed
+from unbackdoor.models.registry import create
+from unbackdoor.training import fit
+from unbackdoor.training.engine import set_seed
 
 ATTACKS = ["badnets", "blended", "wanet", "sig", "lc", "custom"]
 CLEAN_LABEL = {"sig", "lc"}

@@ -21,24 +21,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unbackdoor import UnbackdoorError, load_model
-from unbackdoor.defenses.bcu import (
-    PAPER_STAGE_P,
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.data.unlabeled import load_unlabeled, match_input
+from unbackdoor.defenses.bcu.distill import (
     BCUConfig,
     bcu_preset,
-    depth_probabilities,
     distill,
     kd_loss,
-    layer_schedule,
-    load_unlabeled,
-    resolve_epochs,
-    match_input,
     reinitialize,
+    resolve_epochs,
     run_bcu,
     temperature_at,
 )
-from unbackdoor.models import create, save_model
-from unbackdoor.training import EngineOptions
+from unbackdoor.defenses.bcu.schedule import (
+    PAPER_STAGE_P,
+    depth_probabilities,
+    layer_schedule,
+)
+from unbackdoor.models.model_dir import load_model, save_model
+from unbackdoor.models.registry import create
+from unbackdoor.training.engine import EngineOptions
 
 FP32 = EngineOptions(device="cpu", precision="fp32", progress=False)
 
@@ -148,8 +150,10 @@ def test_kd_loss_matches_hand_computation():
 def badnets_model(mnist_splits):
     """cnn-small trained 5 epochs (fp32) on mnist5k's training split, 10% BadNets-poisoned (target 0);
     with the clean test set, the attack and the 500 clean held-out images."""
-    from unbackdoor.attacks import make_attack
-    from unbackdoor.training import TrainConfig, fit, set_seed
+    from unbackdoor.attacks.base import make_attack
+    from unbackdoor.training import fit
+    from unbackdoor.training.engine import set_seed
+    from unbackdoor.training.fit import TrainConfig
 
     atk = make_attack("badnets", mnist_splits.train.shape, 10, target=0, seed=0)
     ptrain, _ = atk.poison(mnist_splits.train, 0.1, seed=0)
@@ -306,7 +310,11 @@ def _backdoorbench_preact_forward(sd: dict, x: torch.Tensor, mean, std) -> torch
 
 
 def test_backdoorbench_attack_result_is_imported_without_running_it(tmp_path):
-    from unbackdoor.models.backdoorbench import NORMALIZATION, Placeholder, read_attack_result
+    from unbackdoor.models.backdoorbench import (
+        NORMALIZATION,
+        Placeholder,
+        read_attack_result,
+    )
 
     torch.manual_seed(0)
     ours = create("preact-resnet18", num_classes=10, final_bn=False, width=16)

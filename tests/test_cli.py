@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
-from unbackdoor.attacks import attack_names
-from unbackdoor.cli import main
-from unbackdoor.data import dataset_names
-from unbackdoor.models import create, model_names, save_model
+from unbackdoor.attacks.base import attack_names
+from unbackdoor.cli.main import main
+from unbackdoor.data.loaders import dataset_names
+from unbackdoor.models.model_dir import save_model
+from unbackdoor.models.registry import create, model_names
 
 FAST = ["--precision", "fp32", "--device", "cpu", "--no-progress"]
 

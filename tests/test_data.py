@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unbackdoor.data import (
-    ImageDataset,
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.data import augment as A
+from unbackdoor.data.dataset import ImageDataset
+from unbackdoor.data.loaders import (
     dataset_info,
     dataset_names,
     load_cifar10,
@@ -23,10 +25,8 @@ from unbackdoor.data import (
     load_imagefolder,
     load_mnist5k,
     load_splits,
-    stratified_split,
 )
-from unbackdoor.data import augment as A
-from unbackdoor.errors import UnbackdoorError
+from unbackdoor.data.splits import stratified_split
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -11,21 +11,17 @@ import pytest
 import torch
 
 from unbackdoor.attacks.base import make_attack
-from unbackdoor.config import override
+from unbackdoor.core.config import override
+from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.data.loaders import load_mnist5k
-from unbackdoor.defenses.dbd import (
+from unbackdoor.defenses.dbd.config import (
     DBDConfig,
     LinearConfig,
     MixMatchConfig,
     SimCLRConfig,
     dbd_preset,
-    linear_stage,
-    mixmatch_stage,
-    run_dbd,
-    simclr_stage,
-    split_by_loss,
 )
-from unbackdoor.defenses.losses import (
+from unbackdoor.defenses.dbd.losses import (
     NTXentLoss,
     SCELoss,
     linear_rampup,
@@ -36,9 +32,16 @@ from unbackdoor.defenses.losses import (
     symmetric_cross_entropy,
     weight_given_label,
 )
+from unbackdoor.defenses.dbd.split import split_by_loss
+from unbackdoor.defenses.dbd.stages import (
+    linear_stage,
+    mixmatch_stage,
+    run_dbd,
+    simclr_stage,
+)
+from unbackdoor.models.model_dir import load_model
+from unbackdoor.models.registry import create
 from unbackdoor.training.budget import PlateauBudget
-from unbackdoor.errors import UnbackdoorError
-from unbackdoor.models import create, load_model
 from unbackdoor.training.engine import EngineOptions
 
 FP32 = EngineOptions(device="cpu", precision="fp32", progress=False)
@@ -294,7 +297,7 @@ def test_mixmatch_stage_fine_tunes_the_whole_model(small):
 # ---------------------------------------------------------------------------- end to end
 def test_run_dbd_detects_poisoned_samples_and_writes_outputs(poisoned, tmp_path):
     ds, atk = poisoned
-    from unbackdoor.rundir import PoisonedData
+    from unbackdoor.attacks.poisoned_data import PoisonedData
 
     pd = PoisonedData(train=ds, test=ds, heldout=None, attack=atk, meta={})
     # Gratings off: with 2 SimCLR epochs on 600 images they cost the tiny net more than they
@@ -358,8 +361,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(small, tmp_path):
 
 
 def test_cli_runs_dbd_on_an_npz_and_refuses_a_used_out_dir(poisoned, tmp_path, capsys):
-    from unbackdoor.cli import main
-    from unbackdoor.io import write_yaml
+    from unbackdoor.cli.main import main
+    from unbackdoor.core.files import write_yaml
 
     ds, _ = poisoned
     ds.save_npz(tmp_path / "train.npz")

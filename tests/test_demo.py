@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unbackdoor import demo as demo_mod
-from unbackdoor.demo import ExperimentSpec, StageDisplay, run_experiment
-from unbackdoor.errors import UnbackdoorError
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.experiment import run as demo_mod
+from unbackdoor.experiment.run import ExperimentSpec, StageDisplay, run_experiment
 from unbackdoor.training.engine import EngineOptions
 from unbackdoor.training.fit import TrainConfig
 
@@ -119,7 +119,7 @@ def test_bad_arguments_are_clear(tmp_path):
 
 
 def test_cli_demo_and_sweep(tmp_path, capsys):
-    from unbackdoor.cli import main
+    from unbackdoor.cli.main import main
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY_YAML))

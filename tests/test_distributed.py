@@ -100,7 +100,7 @@ def _split_worker(rank: int, world: int, init: str) -> None:
     import torch
 
     from unbackdoor.data.dataset import ImageDataset
-    from unbackdoor.defenses.dbd import split_by_loss
+    from unbackdoor.defenses.dbd.split import split_by_loss
     from unbackdoor.models.registry import create
 
     ctx = _join(rank, world, init)
@@ -131,7 +131,7 @@ def _ntxent_worker(rank: int, world: int, init: str) -> None:
     import torch
     from torch import nn
 
-    from unbackdoor.defenses.losses import NTXentLoss
+    from unbackdoor.defenses.dbd.losses import NTXentLoss
 
     ctx = _join(rank, world, init)
     torch.manual_seed(0)

@@ -9,12 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from unbackdoor.data import load_splits
+from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.data.idx import (
-    FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, DatasetFilesMissing, fashion_mnist_root, load_idx_split, read_idx,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ROOT,
+    DatasetFilesMissing,
+    fashion_mnist_root,
+    load_idx_split,
+    read_idx,
     subset_per_class,
 )
-from unbackdoor.errors import UnbackdoorError
+from unbackdoor.data.loaders import load_splits
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:

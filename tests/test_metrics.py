@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from unbackdoor.attacks import make_attack
-from unbackdoor.data import ImageDataset
+from unbackdoor.attacks.base import make_attack
+from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.metrics import (
     accuracy,
     attack_success_rate,

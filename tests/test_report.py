@@ -17,14 +17,15 @@ import pytest
 import torch
 
 from unbackdoor.attacks.base import make_attack
+from unbackdoor.attacks.poisoned_data import load_data, save_poisoned
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.files import write_json, write_yaml
 from unbackdoor.data.loaders import load_splits
-from unbackdoor.errors import UnbackdoorError
-from unbackdoor.io import write_json, write_yaml
-from unbackdoor.models import create, load_model
-from unbackdoor.pipeline import train
-from unbackdoor.report import build_report, discover, final_metrics, history_stages, read_detection
-from unbackdoor.report.build import ReportOptions
-from unbackdoor.rundir import load_data, save_poisoned
+from unbackdoor.experiment.pipeline import train
+from unbackdoor.models.model_dir import load_model
+from unbackdoor.models.registry import create
+from unbackdoor.report.build import ReportOptions, build_report, history_stages
+from unbackdoor.report.runs import discover, final_metrics, read_detection
 from unbackdoor.training.engine import EngineOptions
 from unbackdoor.training.fit import TrainConfig
 
@@ -62,7 +63,13 @@ def tree(tmp_path_factory) -> Path:
     pd = load_data(root / "data")
     train(pd, root / "undefended", tiny_cnn(), TrainConfig(epochs=2, lr=0.05, engine=FP32))
     try:
-        from unbackdoor.defenses.dbd import DBDConfig, LinearConfig, MixMatchConfig, SimCLRConfig, run_dbd
+        from unbackdoor.defenses.dbd.config import (
+            DBDConfig,
+            LinearConfig,
+            MixMatchConfig,
+            SimCLRConfig,
+        )
+        from unbackdoor.defenses.dbd.stages import run_dbd
 
         cfg = DBDConfig(simclr=SimCLRConfig(epochs=1, batch_size=128), linear=LinearConfig(epochs=1),
                         mixmatch=MixMatchConfig(epochs=2, iterations=3, batch_size=32), engine=FP32)
@@ -70,7 +77,7 @@ def tree(tmp_path_factory) -> Path:
     except ImportError:
         pass
     try:
-        from unbackdoor.defenses.bcu import BCUConfig, run_bcu
+        from unbackdoor.defenses.bcu.distill import BCUConfig, run_bcu
 
         run_bcu(load_model(root / "undefended"), pd.heldout, BCUConfig(epochs=2, batch_size=64, eval_every=1, engine=FP32),
                 root / "bcu", test=pd.test, attack=pd.attack)
@@ -324,7 +331,7 @@ def test_report_errors_are_clear(tmp_path):
 
 
 def test_cli_report(built, tmp_path, capsys):
-    from unbackdoor.cli import main
+    from unbackdoor.cli.main import main
 
     tree, _ = built
     out = tmp_path / "elsewhere" / "page.html"

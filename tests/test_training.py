@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from unbackdoor.errors import UnbackdoorError
-from unbackdoor.models import create
-from unbackdoor.training import Precision, load_checkpoint, probe_precision, resolve_precision, save_checkpoint
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.models.registry import create
+from unbackdoor.training.checkpoint import load_checkpoint, save_checkpoint
+from unbackdoor.training.device import Precision, probe_precision, resolve_precision
 
 CANDIDATES = {"fp32", "fp32+channels_last", "bf16+channels_last"}  # what the CPU probe measures
 TRAIN_ARGS = ["--model", "cnn-small", "--epochs", "5", "--seed", "0", "--precision", "fp32", "--device", "cpu", "--no-progress"]

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .attacks.base import Attack
-    from .data.dataset import ImageDataset
+    from unbackdoor.attacks.base import Attack
+    from unbackdoor.data.dataset import ImageDataset
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:

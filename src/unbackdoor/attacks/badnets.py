@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UnbackdoorError
-from .base import Attack, register
+from unbackdoor.attacks.base import Attack, register
+from unbackdoor.core.errors import UnbackdoorError
 
 POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
 

@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..data.augment import to_float, to_uint8
-from ..data.dataset import ImageDataset
-from ..errors import UnbackdoorError, unknown_name
-from ..io import atomic_path, read_json, write_json
+from unbackdoor.core.errors import UnbackdoorError, unknown_name
+from unbackdoor.core.files import atomic_path, read_json, write_json
+from unbackdoor.data.augment import to_float, to_uint8
+from unbackdoor.data.dataset import ImageDataset
 
 MODES = ("all-to-one", "all-to-all")
 _ATTACKS: dict[str, type["Attack"]] = {}

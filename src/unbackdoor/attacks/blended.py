@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import UnbackdoorError
-from .base import Attack, register
+from unbackdoor.attacks.base import Attack, register
+from unbackdoor.core.errors import UnbackdoorError
 
 
 def load_trigger_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, register
-from .blended import load_trigger_image
+from unbackdoor.attacks.base import Attack, register
+from unbackdoor.attacks.blended import load_trigger_image
 
 
 @register
@@ -14,7 +14,7 @@ class CustomTrigger(Attack):
 
     def __init__(self, shape, num_classes, target=0, mode="all-to-one", seed=0, trigger: str = "", mask: str = "", _restoring: bool = False):
         super().__init__(shape, num_classes, target, mode, seed)
-        from ..errors import UnbackdoorError
+        from unbackdoor.core.errors import UnbackdoorError
 
         self.trigger_path, self.mask_path = trigger, mask
         if _restoring:  # load_attack fills pattern/mask from attack.safetensors

@@ -41,9 +41,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data.augment import to_float, to_uint8
-from ..errors import UnbackdoorError
-from .base import Attack, register
+from unbackdoor.attacks.base import Attack, register
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.data.augment import to_float, to_uint8
 
 
 def corner_checkerboard(shape: tuple[int, int, int], size: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,9 +142,10 @@ class LabelConsistent(Attack):
 
     def train_surrogate(self, dataset) -> torch.nn.Module:
         """Train the clean surrogate the adversarial perturbations come from."""
-        from ..models import create
-        from ..training import TrainConfig, fit, set_seed
-        from ..training.engine import EngineOptions
+        from unbackdoor.models.registry import create
+        from unbackdoor.training import fit
+        from unbackdoor.training.engine import EngineOptions, set_seed
+        from unbackdoor.training.fit import TrainConfig
 
         set_seed(self.seed)
         model = create(self.surrogate_model, dataset.num_classes, dataset.shape[0], dataset.shape[1])

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from ..errors import UnbackdoorError
-from .base import Attack, register
+from unbackdoor.attacks.base import Attack, register
+from unbackdoor.core.errors import UnbackdoorError
 
 
 @register
@@ -41,7 +41,7 @@ class SIG(Attack):
 
     def poison_images(self, images, labels, dataset):
         """Training-time poisoning (strength ``delta``)."""
-        from ..data.augment import to_float, to_uint8
+        from unbackdoor.data.augment import to_float, to_uint8
 
         x = to_float(images)
         return to_uint8((x + self._signal(self.delta, x)).clamp(0, 1))

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.augment import to_float, to_uint8
-from ..errors import UnbackdoorError
-from .base import Attack, register
+from unbackdoor.attacks.base import Attack, register
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.data.augment import to_float, to_uint8
 
 
 @register

@@ -1,6 +1,6 @@
 """Datasets held in memory as uint8 tensors, loaders, splits and batched augmentation."""
-from .dataset import ImageDataset
-from .loaders import (
+from unbackdoor.data.dataset import ImageDataset
+from unbackdoor.data.loaders import (
     DatasetInfo,
     dataset_info,
     dataset_names,
@@ -12,7 +12,7 @@ from .loaders import (
     load_mnist5k,
     load_splits,
 )
-from .splits import Splits, stratified_split
+from unbackdoor.data.splits import Splits, stratified_split
 
 __all__ = [
     "ImageDataset", "Splits", "DatasetInfo", "stratified_split", "load_splits", "dataset_names", "dataset_info",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnbackdoorError
+from unbackdoor.core.errors import UnbackdoorError
 
 
 def _rand(n: int, gen: torch.Generator | None, device, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:

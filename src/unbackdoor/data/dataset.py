@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UnbackdoorError
-from ..io import atomic_path
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.files import atomic_path
 
 
 @dataclass

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UnbackdoorError
-from .dataset import ImageDataset
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.data.dataset import ImageDataset
 
 # type code -> numpy dtype (big-endian where it matters)
 _TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

@@ -15,10 +15,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnbackdoorError, unknown_name
-from .dataset import ImageDataset
-from .idx import FASHION_MNIST_CLASSES, fashion_mnist_root, load_idx_split, subset_per_class
-from .splits import Splits, stratified_split
+from unbackdoor.core.errors import UnbackdoorError, unknown_name
+from unbackdoor.data.dataset import ImageDataset
+from unbackdoor.data.idx import (
+    FASHION_MNIST_CLASSES,
+    fashion_mnist_root,
+    load_idx_split,
+    subset_per_class,
+)
+from unbackdoor.data.splits import Splits, stratified_split
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp"}
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import UnbackdoorError
-from .dataset import ImageDataset
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.data.dataset import ImageDataset
 
 
 @dataclass

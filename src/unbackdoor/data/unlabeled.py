@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnbackdoorError
-from .dataset import ImageDataset
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.data.dataset import ImageDataset
 
 
 def match_input(ds: ImageDataset, shape: tuple[int, int, int], fit: str = "resize") -> ImageDataset:
@@ -51,11 +51,11 @@ def load_unlabeled(source: str | os.PathLike, shape: tuple[int, int, int], fit: 
     dropped. ``flip`` overrides whether horizontal flips are a valid augmentation
     (default: the dataset's own setting, False for files and folders).
     """
-    from .loaders import dataset_names, load_splits
+    from unbackdoor.data.loaders import dataset_names, load_splits
 
     p = Path(source)
     if p.is_dir() and (p / "train.npz").exists():
-        from ..rundir import load_data
+        from unbackdoor.attacks.poisoned_data import load_data
 
         pd = load_data(p)
         if pd.heldout is None:
@@ -87,7 +87,7 @@ def load_unlabeled(source: str | os.PathLike, shape: tuple[int, int, int], fit: 
 def _load_image_dir(root: Path, shape: tuple[int, int, int]) -> ImageDataset:
     import numpy as np
 
-    from .loaders import IMAGE_EXTS, _open_image
+    from unbackdoor.data.loaders import IMAGE_EXTS, _open_image
 
     files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
     if not files:

@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UnbackdoorError
-from .registry import create
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.models.registry import create
 
 # BackdoorBench model name -> (our registry name, extra create() kwargs).
 # Their PreActResNet18 has no BN+ReLU after layer4; their resnet18 is torchvision's

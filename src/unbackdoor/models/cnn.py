@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Classifier, default_stats
-from .registry import register
+from unbackdoor.models.base import Classifier, default_stats
+from unbackdoor.models.registry import register
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:

@@ -5,7 +5,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..errors import UnbackdoorError, unknown_name
+from unbackdoor.core.errors import UnbackdoorError, unknown_name
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 

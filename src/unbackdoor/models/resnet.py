@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from .base import Classifier, default_stats
-from .registry import register
+from unbackdoor.models.base import Classifier, default_stats
+from unbackdoor.models.registry import register
 
 
 class BasicBlock(nn.Module):

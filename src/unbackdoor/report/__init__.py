@@ -3,8 +3,20 @@
 >>> from unbackdoor.report import build_report
 >>> summary = build_report("runs/demo")          # writes runs/demo/report.html, report.md, summary.json
 """
-from .build import ReportOptions, build_report, collect, history_stages, model_row
-from .runs import DataRun, ModelRun, discover, final_metrics, read_detection
+from unbackdoor.report.build import (
+    ReportOptions,
+    build_report,
+    collect,
+    history_stages,
+    model_row,
+)
+from unbackdoor.report.runs import (
+    DataRun,
+    ModelRun,
+    discover,
+    final_metrics,
+    read_detection,
+)
 
 __all__ = ["build_report", "collect", "ReportOptions", "discover", "DataRun", "ModelRun", "final_metrics",
-           "read_detection", "history_stages", "model_row"]
+"read_detection", "history_stages", "model_row"]

@@ -14,13 +14,40 @@ import numpy as np
 import torch
 import yaml
 
-from ..errors import UnbackdoorError
-from ..metrics import der as der_score
-from ..metrics import detection_scores
-from . import figures
-from .content import Cards, Cell, Details, Figure, Note, Report, Section, Table, asr_tone, num, pct
-from .features import embed_2d, features_of, load_run_model, poisoned_neighbours, predict_labels, subsample
-from .runs import DataRun, ModelRun, before_metrics, discover, read_detection, sort_runs, stage_metrics
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.metrics import der as der_score
+from unbackdoor.metrics import detection_scores
+from unbackdoor.report import figures
+from unbackdoor.report.content import (
+    Cards,
+    Cell,
+    Details,
+    Figure,
+    Note,
+    Report,
+    Section,
+    Table,
+    asr_tone,
+    num,
+    pct,
+)
+from unbackdoor.report.features import (
+    embed_2d,
+    features_of,
+    load_run_model,
+    poisoned_neighbours,
+    predict_labels,
+    subsample,
+)
+from unbackdoor.report.runs import (
+    DataRun,
+    ModelRun,
+    before_metrics,
+    discover,
+    read_detection,
+    sort_runs,
+    stage_metrics,
+)
 
 TABLE_COLUMNS = ["Model", "Clean accuracy", "ASR", "Robust accuracy", "DER", "Time", "Run"]
 MAX_EMBED_PANELS = 4
@@ -60,7 +87,7 @@ class Group:
 
     # lazily loaded, shared by the figures of this group
     def dataset(self, split: str):
-        from ..data.dataset import ImageDataset
+        from unbackdoor.data.dataset import ImageDataset
 
         if split not in self._cache:
             p = self.data.path / f"{split}.npz" if self.data else None
@@ -69,7 +96,7 @@ class Group:
 
     def attack_obj(self):
         if "attack" not in self._cache:
-            from ..attacks.base import load_attack
+            from unbackdoor.attacks.base import load_attack
 
             ok = self.data is not None and (self.data.path / "attack.json").is_file()
             try:
@@ -478,7 +505,7 @@ def collect(root: str | os.PathLike, opts: ReportOptions | None = None) -> tuple
     if overview.blocks:
         sections.insert(0, overview)
     now = _dt.datetime.now().astimezone()
-    from .. import __version__
+    from unbackdoor import __version__
 
     report = Report(opts.title, f"{len(runs)} runs under {_shown(root)}", sections,
                     meta={"generated": now.strftime("%Y-%m-%d %H:%M %Z"), "version": __version__})
@@ -512,8 +539,8 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
     ``out`` is the HTML file (default ``root/report.html``); the other files go
     next to it. Returns the summary dict, with the paths written under ``files``.
     """
-    from ..io import write_json, write_text
-    from .render import render_html, render_markdown
+    from unbackdoor.core.files import write_json, write_text
+    from unbackdoor.report.render import render_html, render_markdown
 
     root = Path(root)
     html_path = Path(out) if out is not None else root / "report.html"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import UnbackdoorError
-from .runs import ModelRun
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.report.runs import ModelRun
 
 
 def load_run_model(run: ModelRun, device: str):
     """The run's model (eval mode), or None when its files cannot be loaded."""
-    from ..models.io import load_model
+    from unbackdoor.models.model_dir import load_model
 
     try:
         return load_model(run.path, device=device)
@@ -22,7 +22,7 @@ def load_run_model(run: ModelRun, device: str):
 @torch.no_grad()
 def predict_labels(model, images_u8: torch.Tensor) -> torch.Tensor:
     """Predicted labels for uint8 images (N, C, H, W)."""
-    from ..metrics import predict
+    from unbackdoor.metrics import predict
 
     return predict(model, images_u8, batch_size=256)
 
@@ -30,7 +30,7 @@ def predict_labels(model, images_u8: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def features_of(model, images_u8: torch.Tensor, batch: int = 256) -> np.ndarray:
     """Penultimate-layer features (N, D) for uint8 images, flattened, float32."""
-    from ..models.io import penultimate_features
+    from unbackdoor.models.model_dir import penultimate_features
 
     dev = next(model.parameters()).device
     out = [penultimate_features(model, images_u8[i : i + batch].to(dev).float().div_(255)).flatten(1).float().cpu()
@@ -75,7 +75,6 @@ def embed_2d(feats: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     except ImportError:
         pass
     from sklearn.manifold import TSNE
-
     from threadpoolctl import threadpool_limits
 
     perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))

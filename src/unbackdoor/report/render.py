@@ -13,7 +13,7 @@ import html
 import os
 from pathlib import Path
 
-from .content import Cards, Details, Figure, Note, Report, Table
+from unbackdoor.report.content import Cards, Details, Figure, Note, Report, Table
 
 CSS = """
 :root{--ink:#1f2933;--muted:#5f6b7a;--line:#e3e8ee;--bg:#f5f7fa;--card:#fff;--accent:#2e86ab;
@@ -197,7 +197,7 @@ def _md_table(t: Table) -> str:
 
 def render_markdown(report: Report, fig_dir: str | os.PathLike, relative_to: str | os.PathLike) -> str:
     """Markdown text; figures are written as PNG files into ``fig_dir`` and linked relative to ``relative_to``."""
-    from ..io import atomic_path
+    from unbackdoor.core.files import atomic_path
 
     fig_dir = Path(fig_dir)
     out = [f"# {report.title}", "", report.subtitle, ""]

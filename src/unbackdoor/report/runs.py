@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..errors import UnbackdoorError
-from ..io import read_json
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.files import read_json
 
 # Display order and labels of the roles a model run can play.
 ROLES = ("undefended", "clean", "dbd", "bcu", "model")

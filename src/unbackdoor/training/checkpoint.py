@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UnbackdoorError
-from ..io import atomic_path
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.files import atomic_path
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UnbackdoorError
+from unbackdoor.core.errors import UnbackdoorError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -129,7 +129,7 @@ def run_on_main(ctx: DistContext, fn):
     picklable). An :class:`~unbackdoor.errors.UnbackdoorError` raised there is raised on
     every rank, so a refused output folder stops all ranks instead of leaving the others
     waiting in a collective."""
-    from ..errors import UnbackdoorError
+    from unbackdoor.core.errors import UnbackdoorError
 
     if not ctx.enabled:
         return fn()

@@ -18,10 +18,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..errors import UnbackdoorError
-from .checkpoint import load_checkpoint, save_checkpoint
-from .device import Precision, pick_device, resolve_precision
-from .distributed import DistContext, current_context
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.training.checkpoint import load_checkpoint, save_checkpoint
+from unbackdoor.training.device import Precision, pick_device, resolve_precision
+from unbackdoor.training.distributed import DistContext, current_context
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import WeakAugment
-from ..data.dataset import ImageDataset
-from ..errors import EmptyDataset
-from .engine import Engine, EngineOptions, checkpoint_precision
-from .progress import Progress
+from unbackdoor.core.errors import EmptyDataset
+from unbackdoor.data.augment import WeakAugment
+from unbackdoor.data.dataset import ImageDataset
+from unbackdoor.training.engine import Engine, EngineOptions, checkpoint_precision
+from unbackdoor.training.progress import Progress
 
 
 @dataclass

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_engine_args, engine_options, print_table
-from .demo import parse_list
+from unbackdoor.cli.commands.common import add_engine_args, engine_options, print_table
+from unbackdoor.cli.commands.demo import parse_list
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import _clock, load_experiment_configs, sweep
+    from unbackdoor.experiment.run import _clock, load_experiment_configs, sweep
 
     res = sweep(args.out, list(parse_list(args.attacks)), parse_list(args.defenses), dataset=args.dataset,
                 preset=args.preset, seed=args.seed, force=args.force, engine=engine_options(args),

@@ -23,10 +23,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UnbackdoorError
-    from ..report import ReportOptions, build_report
-    from ..report.build import stderr_log
-    from .common import print_table
+    from unbackdoor.cli.commands.common import print_table
+    from unbackdoor.core.errors import UnbackdoorError
+    from unbackdoor.report.build import ReportOptions, build_report, stderr_log
 
     if args.points < 0:
         raise UnbackdoorError(f"--points must be >= 0, got {args.points}")

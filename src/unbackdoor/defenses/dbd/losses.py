@@ -68,7 +68,7 @@ class NTXentLoss(nn.Module):
         anchors, all ranks having the same n). BatchNorm still sees only the local
         batch unless ``engine.sync_bn`` is set. Tested in tests/test_distributed.py.
         """
-        from ..training.distributed import all_gather_with_grad
+        from unbackdoor.training.distributed import all_gather_with_grad
 
         n = len(z1)
         local = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2n, D): [view 1; view 2]

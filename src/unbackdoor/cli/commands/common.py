@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from ..errors import UnbackdoorError
-from ..training.engine import EngineOptions
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.training.engine import EngineOptions
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

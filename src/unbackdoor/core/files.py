@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from .errors import UnbackdoorError
+from unbackdoor.core.errors import UnbackdoorError
 
 
 @contextlib.contextmanager

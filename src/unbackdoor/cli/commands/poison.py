@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..attacks.base import MODES, attack_names
-from ..data.loaders import dataset_names
-from .common import parse_params, print_table
+from unbackdoor.attacks.base import MODES, attack_names
+from unbackdoor.cli.commands.common import parse_params, print_table
+from unbackdoor.data.loaders import dataset_names
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline import poison
+    from unbackdoor.experiment.pipeline import poison
 
     pd = poison(args.dataset, args.attack, args.out, rate=args.rate, target=args.target, seed=args.seed,
                 mode=args.mode, root=args.root, params=parse_params(args.param), force=args.force)

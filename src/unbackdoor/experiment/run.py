@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import UnbackdoorError, unknown_name
-from .io import read_json, write_json
+from unbackdoor.core.errors import UnbackdoorError, unknown_name
+from unbackdoor.core.files import read_json, write_json
 
 PRESETS = ("quick", "paper")
 DEFENSES = ("dbd", "bcu")
@@ -51,12 +51,12 @@ class ExperimentSpec:
     def model_name(self) -> str:
         if self.model:
             return self.model
-        from .data.loaders import dataset_info, dataset_names
+        from unbackdoor.data.loaders import dataset_info, dataset_names
 
         return dataset_info(self.dataset).default_model if self.dataset in dataset_names() else "cnn-small"
 
     def validate(self) -> None:
-        from .data.loaders import dataset_info, dataset_names
+        from unbackdoor.data.loaders import dataset_info, dataset_names
 
         if self.dataset in dataset_names():
             if dataset_info(self.dataset).needs_root and not self.root:
@@ -68,7 +68,7 @@ class ExperimentSpec:
         for d in self.defenses:
             if d not in DEFENSES:
                 raise unknown_name("defense", d, DEFENSES)
-        from .attacks import attack_names
+        from unbackdoor.attacks.base import attack_names
 
         if self.attack not in attack_names():
             raise unknown_name("attack", self.attack, attack_names())
@@ -193,8 +193,8 @@ ATTACKED_MODEL_STEPS = 4000
 
 
 def _train_config(spec: ExperimentSpec, engine, n_train: int):
-    from .attacks.base import attack_class
-    from .training.fit import TrainConfig
+    from unbackdoor.attacks.base import attack_class
+    from unbackdoor.training.fit import TrainConfig
 
     # Both presets train the attacked model the same way: it is the thing being
     # attacked, not a method under test. Long enough to reach what the architecture
@@ -235,9 +235,9 @@ def _check_spec(out: Path, spec: ExperimentSpec, force: bool) -> None:
 def load_experiment_configs(path: str | os.PathLike | None, preset: str = "quick") -> dict[str, Any]:
     """Read a YAML file with optional ``train:``, ``dbd:`` and ``bcu:`` sections; each
     overrides that stage's settings (``dbd``/``bcu`` on top of the preset)."""
-    from .config import load_config
-    from .io import read_yaml
-    from .training.fit import TrainConfig
+    from unbackdoor.core.config import load_config
+    from unbackdoor.core.files import read_yaml
+    from unbackdoor.training.fit import TrainConfig
 
     if path is None:
         return {}
@@ -249,11 +249,11 @@ def load_experiment_configs(path: str | os.PathLike | None, preset: str = "quick
     if "train" in data:
         out["train"] = load_config(TrainConfig(), path, "train")
     if "dbd" in data:
-        from .defenses.dbd import dbd_preset
+        from unbackdoor.defenses.dbd.config import dbd_preset
 
         out["dbd"] = load_config(dbd_preset(preset), path, "dbd")
     if "bcu" in data:
-        from .defenses.bcu import bcu_preset
+        from unbackdoor.defenses.bcu.distill import bcu_preset
 
         out["bcu"] = load_config(bcu_preset(preset), path, "bcu")
     return out
@@ -272,7 +272,7 @@ def run_experiment(out: str | os.PathLike, spec: ExperimentSpec | None = None, *
     """
     import shutil
 
-    from .training.engine import EngineOptions
+    from unbackdoor.training.engine import EngineOptions
 
     spec = spec or ExperimentSpec()
     spec.validate()
@@ -300,8 +300,8 @@ def run_experiment(out: str | os.PathLike, spec: ExperimentSpec | None = None, *
     skipped: dict[str, str] = {}
 
     # 1. poison
-    from .pipeline import poison
-    from .rundir import load_data
+    from unbackdoor.attacks.poisoned_data import load_data
+    from unbackdoor.experiment.pipeline import poison
 
     data_dir = out / "data"
     if _finished(data_dir):
@@ -316,7 +316,7 @@ def run_experiment(out: str | os.PathLike, spec: ExperimentSpec | None = None, *
         seconds["poison"] = disp.done(f"{m.get('n_poisoned')} of {m.get('n_train')} training images poisoned")
 
     # 2. the undefended (backdoored) model
-    from .pipeline import train
+    from unbackdoor.experiment.pipeline import train
 
     und_dir = out / "undefended"
     if _finished(und_dir):
@@ -357,7 +357,7 @@ def run_experiment(out: str | os.PathLike, spec: ExperimentSpec | None = None, *
     # 5. report (skipped when up to date; `unbackdoor report OUT` rebuilds it any time)
     summary = None
     if report:
-        from .report import ReportOptions, build_report
+        from unbackdoor.report.build import ReportOptions, build_report
 
         if _newer_than(out / "summary.json", [*inputs, out / "evaluation.json"]) and (out / "report.html").is_file():
             disp.skip("report", f"up to date ({out / 'report.html'})")
@@ -373,7 +373,7 @@ def run_experiment(out: str | os.PathLike, spec: ExperimentSpec | None = None, *
 
 
 def _brief(m: dict) -> str:
-    from .report.content import pct
+    from unbackdoor.report.content import pct
 
     parts = [f"clean accuracy {pct(m.get('clean_accuracy'))}"]
     if m.get("attack_success_rate") is not None:
@@ -382,9 +382,10 @@ def _brief(m: dict) -> str:
 
 
 def _run_dbd(spec: ExperimentSpec, pd, d_dir: Path, engine, disp: StageDisplay, cfg=None) -> float:
-    from .defenses.dbd import dbd_preset, run_dbd
-    from .pipeline import build_model
-    from .training.engine import set_seed
+    from unbackdoor.defenses.dbd.config import dbd_preset
+    from unbackdoor.defenses.dbd.stages import run_dbd
+    from unbackdoor.experiment.pipeline import build_model
+    from unbackdoor.training.engine import set_seed
 
     custom = cfg is not None
     cfg = cfg or dbd_preset(spec.preset)
@@ -428,8 +429,8 @@ def _run_dbd(spec: ExperimentSpec, pd, d_dir: Path, engine, disp: StageDisplay, 
 
 
 def _run_bcu(spec: ExperimentSpec, pd, und_dir: Path, d_dir: Path, engine, disp: StageDisplay, cfg=None) -> float:
-    from .defenses.bcu import bcu_preset, run_bcu
-    from .models.io import load_model
+    from unbackdoor.defenses.bcu.distill import bcu_preset, run_bcu
+    from unbackdoor.models.model_dir import load_model
 
     if pd.heldout is None or len(pd.heldout) == 0:
         raise UnbackdoorError(f"{und_dir.parent / 'data'} has no held-out images for BCU")
@@ -451,10 +452,10 @@ def evaluate_saved(out: str | os.PathLike, pd=None) -> dict[str, dict]:
     """Re-load each model folder of an experiment and measure it (same metrics as
     :func:`unbackdoor.metrics.evaluate`); ``mismatch`` flags a number that differs
     from the run's own metrics.json by more than 1e-6."""
-    from .metrics import evaluate
-    from .models.io import load_model
-    from .report.runs import final_metrics
-    from .rundir import load_data
+    from unbackdoor.attacks.poisoned_data import load_data
+    from unbackdoor.metrics import evaluate
+    from unbackdoor.models.model_dir import load_model
+    from unbackdoor.report.runs import final_metrics
 
     out = Path(out)
     pd = pd or load_data(out / "data")
@@ -472,8 +473,8 @@ def evaluate_saved(out: str | os.PathLike, pd=None) -> dict[str, dict]:
 
 def experiment_rows(out: str | os.PathLike) -> list[dict]:
     """Rows (model, clean accuracy, ASR, robust accuracy, DER, seconds) of an experiment folder."""
-    from .report.build import model_row
-    from .report.runs import discover
+    from unbackdoor.report.build import model_row
+    from unbackdoor.report.runs import discover
 
     _, runs = discover(out)
     und = next((r for r in runs if r.role == "undefended"), None)
@@ -504,7 +505,7 @@ def sweep(out: str | os.PathLike, attacks: list[str], defenses: tuple[str, ...] 
     """``unbackdoor sweep``: the attack x defense matrix, one experiment folder per attack
     (``OUT/<attack>/``), then one comparison table (``leaderboard.md`` / ``.csv``) and the
     HTML report over all of them. Finished cells are skipped on a re-run."""
-    from .report import ReportOptions, build_report
+    from unbackdoor.report.build import ReportOptions, build_report
 
     if not attacks:
         raise UnbackdoorError("--attacks needs at least one attack name")
@@ -559,8 +560,8 @@ def write_leaderboard(out: Path, rows: list[dict]) -> None:
     import csv
     import io
 
-    from .io import write_text
-    from .report.content import num, pct
+    from unbackdoor.core.files import write_text
+    from unbackdoor.report.content import num, pct
 
     recs = leaderboard_records(rows)
     buf = io.StringIO()

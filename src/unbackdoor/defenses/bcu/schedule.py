@@ -5,18 +5,13 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 from torch import nn
 
-from ..errors import UnbackdoorError
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.defenses.bcu.config import PAPER_STAGE_P, STAGE_NAMES, BCUConfig
 
-if TYPE_CHECKING:
-    from .bcu import BCUConfig
-
-# Paper (ResNet-18): stem conv, stage1..stage4, classifier.
-PAPER_STAGE_P: tuple[float, ...] = (0.01, 0.01, 0.03, 0.09, 0.27, 0.10)
-STAGE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "classifier")
 # ResNet-18's main path: 1 stem conv, then 4 convs per stage (what the depth rule spreads).
 _RESNET18_PATH = (1, 4, 4, 4, 4)
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -35,7 +30,7 @@ class LayerP:
 
 def parameterised_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv/Linear layers with weights, in registration (= depth) order."""
-    from ..models.io import unwrap
+    from unbackdoor.models.model_dir import unwrap
 
     return [(n, m) for n, m in unwrap(model).named_modules()
             if isinstance(m, _LAYER_TYPES) and getattr(m, "weight", None) is not None]
@@ -86,8 +81,6 @@ def depth_probabilities(n_layers: int, stage_p: tuple[float, ...] = PAPER_STAGE_
 def layer_schedule(model: nn.Module, cfg: BCUConfig | None = None) -> list[LayerP]:
     """Per-layer re-initialisation probabilities for any ``nn.Module`` (module docstring)."""
     if cfg is None:
-        from .bcu import BCUConfig  # the config lives with the defense; imported here, not at module load
-
         cfg = BCUConfig()
     layers = parameterised_layers(model)
     if not layers:
@@ -125,7 +118,7 @@ def layer_schedule(model: nn.Module, cfg: BCUConfig | None = None) -> list[Layer
     return out
 
 
-def _as_mapping(schedule: Mapping[str, float] | list[LayerP]) -> dict[str, float]:
+def schedule_mapping(schedule: Mapping[str, float] | list[LayerP]) -> dict[str, float]:
     if isinstance(schedule, Mapping):
         return {str(k): float(v) for k, v in schedule.items()}
     return {lp.name: lp.p for lp in schedule}

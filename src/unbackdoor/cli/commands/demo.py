@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_engine_args, engine_options, print_table
+from unbackdoor.cli.commands.common import add_engine_args, engine_options, print_table
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from ..attacks.base import attack_names
+    from unbackdoor.attacks.base import attack_names
 
     p = sub.add_parser("demo", help="the whole story in one command: attack, defend with DBD and BCU, report",
                        description="Offline, on the embedded mnist5k by default: poison the training set, train the "
@@ -41,7 +41,7 @@ def print_rows(rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import _clock, demo, load_experiment_configs
+    from unbackdoor.experiment.run import _clock, demo, load_experiment_configs
 
     res = demo(args.out, attack=args.attack, preset=args.preset, seed=args.seed, dataset=args.dataset,
                defenses=parse_list(args.defenses), force=args.force, engine=engine_options(args),

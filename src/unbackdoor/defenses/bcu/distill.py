@@ -60,7 +60,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -68,99 +68,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import WeakAugment, check_grating, random_grating
-from ..data.dataset import ImageDataset
-from ..data.unlabeled import load_unlabeled, match_input  # noqa: F401 - part of this module's API
-from ..errors import EmptyDataset, UnbackdoorError, unknown_name
-from ..training.budget import PlateauBudget
-from ..training.engine import Engine, EngineOptions, checkpoint_precision
-from ..training.progress import Progress
-from .bcu_schedule import (  # noqa: F401 - re-exported: the schedule is part of this module's API
-    PAPER_STAGE_P, STAGE_NAMES, LayerP, _as_mapping, depth_probabilities, layer_schedule, parameterised_layers,
+from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
+from unbackdoor.data.augment import WeakAugment, random_grating
+from unbackdoor.data.dataset import ImageDataset
+from unbackdoor.data.unlabeled import load_unlabeled
+from unbackdoor.defenses.bcu.config import BCUConfig, resolve_epochs, temperature_at
+from unbackdoor.defenses.bcu.schedule import (
+    LayerP,
+    layer_schedule,
+    schedule_mapping,
 )
-
-RULES = ("auto", "stages", "depth")
-ABLATIONS = ("none", "no-reinit", "pseudo-label")
-
-
-# ============================================================================ config
-@dataclass
-class BCUConfig:
-    """BCU settings. Defaults are the paper's (CIFAR-10, ResNet-18)."""
-
-    epochs: int = 100
-    steps: int | None = None  # if set: epochs = ceil(steps / steps per epoch), the same optimiser budget for any pool size
-    batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    t_start: float = 1.0  # distillation temperature, ramped linearly per epoch ...
-    t_end: float = 4.0  # ... reaching t_end at the last epoch (reference: T_e = 1 + 3 (e+1) / E)
-    augment: bool = True  # random crop (pad = side/8) + horizontal flip where the data allows it
-    grating: float = 0.5  # not in the paper: max amplitude of a random grating on the *student's* input (0: off) ...
-    grating_p: float = 0.5  # ... with this probability; the teacher always sees the clean image (module docstring)
-    rule: str = "auto"  # layer schedule: auto | stages | depth (module docstring)
-    stage_p: tuple[float, ...] = PAPER_STAGE_P  # stem, stage1..4, classifier
-    p_scale: float = 1.0  # multiplies every rule-derived p (clamped to 1)
-    p_overrides: dict[str, float] = field(default_factory=dict)  # module-name glob -> p (last match wins)
-    linear_init: str = "kaiming_fan_out"  # fresh Linear values: kaiming_fan_out | default (U(+-1/sqrt(fan_in)))
-    ablation: str = "none"  # none | no-reinit (distil an exact copy) | pseudo-label (fine-tune on teacher labels)
-    budget: str = "fixed"  # fixed: 'epochs' with 'schedule'; plateau: teacher/student agreement decides (module docstring)
-    max_epochs: int = 500  # budget 'plateau': the most epochs before the cool-down
-    plateau_patience: int = 10
-    plateau_delta: float = 0.002
-    cooldown: float = 0.3  # cool-down epochs as a multiple of the constant-rate epochs
-    eval_every: int = 5  # epochs between BA/ASR evaluations in the history (when test data is given)
-    seed: int = 0
-    engine: EngineOptions = field(default_factory=EngineOptions)
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise UnbackdoorError(f"bcu.epochs must be >= 1, got {self.epochs}")
-        if self.steps is not None and self.steps < 1:
-            raise UnbackdoorError(f"bcu.steps must be >= 1 (or unset), got {self.steps}")
-        if self.batch_size < 1:
-            raise UnbackdoorError(f"bcu.batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise UnbackdoorError(f"bcu.lr must be > 0, got {self.lr}")
-        if self.t_start <= 0 or self.t_end <= 0:
-            raise UnbackdoorError(f"bcu temperatures must be > 0, got {self.t_start} -> {self.t_end}")
-        if self.rule not in RULES:
-            raise unknown_name("layer-schedule rule", self.rule, RULES)
-        if self.ablation not in ABLATIONS:
-            raise unknown_name("ablation", self.ablation, ABLATIONS)
-        if len(self.stage_p) != len(STAGE_NAMES) or not all(0.0 <= p <= 1.0 for p in self.stage_p):
-            raise UnbackdoorError(f"bcu.stage_p must be {len(STAGE_NAMES)} probabilities in [0, 1] "
-                                  f"({', '.join(STAGE_NAMES)}), got {list(self.stage_p)}")
-        if self.p_scale < 0:
-            raise UnbackdoorError(f"bcu.p_scale must be >= 0, got {self.p_scale}")
-        for pat, p in self.p_overrides.items():
-            if not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
-                raise UnbackdoorError(f"bcu.p_overrides[{pat!r}] must be a probability in [0, 1], got {p!r}")
-        if self.linear_init not in ("kaiming_fan_out", "default"):
-            raise unknown_name("linear_init", self.linear_init, ("kaiming_fan_out", "default"))
-        if self.eval_every < 1:
-            raise UnbackdoorError(f"bcu.eval_every must be >= 1, got {self.eval_every}")
-        check_grating("bcu", self.grating, self.grating_p)
-
-
-PRESETS = ("paper", "quick")
-
-
-def bcu_preset(name: str) -> BCUConfig:
-    """``paper``: the paper's settings. ``quick``: mnist5k / cnn-small on 2 CPU cores
-    (chosen by measurement, docs/results_bcu.md)."""
-    if name == "paper":
-        return BCUConfig()
-    if name == "quick":
-        # Measured on mnist5k / cnn-small (docs/results_bcu.md): the depth rule at x1 left
-        # Blended's ASR at 0.3; x2 (conv3 fully re-initialised) removes it. The budget is
-        # optimiser steps, whatever the pool's size: 4,800 at batch 32 (300 epochs of 500
-        # images) win back Fashion-MNIST's clean accuracy that 1,600 did not (0.825 -> 0.850).
-        return BCUConfig(steps=4800, batch_size=32, p_scale=2.0)
-    raise unknown_name("preset", name, PRESETS)
+from unbackdoor.training.budget import PlateauBudget
+from unbackdoor.training.engine import Engine, checkpoint_precision
+from unbackdoor.training.progress import Progress
 
 
 # ============================================================================ stage 1
@@ -178,9 +98,9 @@ def reinitialize(model: nn.Module, schedule: Mapping[str, float] | list[LayerP],
     the student's parameters all require gradients (even if the teacher's were frozen).
     Deterministic for a given ``seed`` (CPU generator, any device).
     """
-    from ..models.io import unwrap
+    from unbackdoor.models.model_dir import unwrap
 
-    probs = _as_mapping(schedule)
+    probs = schedule_mapping(schedule)
     student = copy.deepcopy(unwrap(model)).requires_grad_(True)
     modules = dict(student.named_modules())
     gen = torch.Generator().manual_seed(int(seed))
@@ -220,20 +140,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     s = F.log_softmax(student_logits.float() / temperature, dim=1)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     return F.kl_div(s, t, reduction="batchmean", log_target=True)
-
-
-def resolve_epochs(cfg: BCUConfig, n_unlabeled: int) -> BCUConfig:
-    """``cfg`` with ``epochs`` derived from ``steps`` for a pool of ``n_unlabeled`` images (unchanged without ``steps``)."""
-    if cfg.steps is None:
-        return cfg
-    per_epoch = max(1, math.ceil(n_unlabeled / cfg.batch_size))
-    return replace(cfg, epochs=max(1, math.ceil(cfg.steps / per_epoch)))
-
-
-def temperature_at(epoch: int, cfg: BCUConfig) -> float:
-    """Temperature of (0-based) ``epoch``: linear from t_start to t_end, reaching t_end at
-    epoch ``cfg.epochs`` (the last one of a fixed budget) and staying there after it."""
-    return cfg.t_start + (cfg.t_end - cfg.t_start) * min(1.0, (epoch + 1) / cfg.epochs)
 
 
 @dataclass
@@ -372,7 +278,7 @@ class BCUResult:
 
 
 def _eval(model: nn.Module, test: ImageDataset | None, attack) -> dict:
-    from ..metrics import evaluate
+    from unbackdoor.metrics import evaluate
 
     if test is None:
         return {}
@@ -402,10 +308,15 @@ def run_bcu(
         test, attack: clean test set and the attack, for BA / ASR / RA before and after and DER.
     Returns a :class:`BCUResult`.
     """
-    from ..io import prepare_out_dir, rollback_on_failure, write_json, write_yaml
-    from ..metrics import der
-    from ..models.io import save_model
-    from ..training.distributed import current_context, run_on_main
+    from unbackdoor.core.files import (
+        prepare_out_dir,
+        rollback_on_failure,
+        write_json,
+        write_yaml,
+    )
+    from unbackdoor.metrics import der
+    from unbackdoor.models.model_dir import save_model
+    from unbackdoor.training.distributed import current_context, run_on_main
 
     cfg = cfg or BCUConfig()
     cfg.validate()
@@ -478,8 +389,8 @@ def cleanse(
     executing code); ``unlabeled``: see :func:`load_unlabeled`; ``data``: a poisoned-data
     directory whose clean test set and attack give before/after metrics.
     """
-    from ..models.io import load_model
-    from ..rundir import load_data
+    from unbackdoor.attacks.poisoned_data import load_data
+    from unbackdoor.models.model_dir import load_model
 
     cfg = cfg or BCUConfig()
     teacher = load_model(model)

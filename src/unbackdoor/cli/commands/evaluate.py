@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import print_json, print_table
+from unbackdoor.cli.commands.common import print_json, print_table
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -17,8 +17,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline import evaluate
-    from ..training.device import pick_device
+    from unbackdoor.experiment.pipeline import evaluate
+    from unbackdoor.training.device import pick_device
 
     m = evaluate(args.model, args.data, device=pick_device(args.device))
     if args.json:

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attacks.base import Attack, load_attack
-from .data.dataset import ImageDataset
-from .errors import UnbackdoorError
-from .io import atomic_path, read_json
+from unbackdoor.attacks.base import Attack, load_attack
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.files import atomic_path, read_json
+from unbackdoor.data.dataset import ImageDataset
 
 
 @dataclass

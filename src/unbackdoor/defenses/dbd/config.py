@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..data.augment import check_grating, check_patches
-from ..errors import UnbackdoorError, unknown_name
-from ..training.engine import EngineOptions
+from unbackdoor.core.errors import UnbackdoorError, unknown_name
+from unbackdoor.data.augment import check_grating, check_patches
+from unbackdoor.training.engine import EngineOptions
 
 GUARDS = ("loss-gap", "none")
 BUDGETS = ("plateau", "fixed")

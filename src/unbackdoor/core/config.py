@@ -8,8 +8,8 @@ import os
 import typing
 from typing import Any, TypeVar
 
-from .errors import UnbackdoorError
-from .io import read_yaml
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.files import read_yaml
 
 T = TypeVar("T")
 

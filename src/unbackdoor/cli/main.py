@@ -9,14 +9,14 @@ import argparse
 import importlib
 import sys
 
-from .errors import UnbackdoorError
+from unbackdoor.core.errors import UnbackdoorError
 
 # Order = order in --help. Adding a command is adding a module here.
 COMMANDS = ["poison", "train", "evaluate", "dbd", "bcu", "demo", "report", "sweep"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from unbackdoor import __version__
 
     parser = argparse.ArgumentParser(
         prog="unbackdoor",
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Our warnings are advice to the user: one line, no source location.
     warnings.formatwarning = lambda msg, cat, *a, **k: f"unbackdoor {args.command}: warning: {msg}\n"
-    from .training.device import tune_cpu_allocator
+    from unbackdoor.training.device import tune_cpu_allocator
 
     tune_cpu_allocator()
     try:
@@ -79,8 +79,8 @@ def _init_distributed(args: argparse.Namespace) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    from .training.device import pick_device
-    from .training.distributed import init_distributed
+    from unbackdoor.training.device import pick_device
+    from unbackdoor.training.distributed import init_distributed
 
     ctx = init_distributed(pick_device(getattr(args, "device", "auto")).type)
     if not ctx.is_main:

@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..models.registry import model_names
-from .common import add_engine_args, add_out_args, engine_options, print_json, print_table
+from unbackdoor.cli.commands.common import (
+    add_engine_args,
+    add_out_args,
+    engine_options,
+    print_json,
+    print_table,
+)
+from unbackdoor.models.registry import model_names
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -28,12 +34,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config, override
-    from ..errors import EmptyDataset
-    from ..defenses.dbd import dbd_preset, run_dbd
-    from ..pipeline import build_model
-    from ..rundir import load_data
-    from ..training.engine import set_seed
+    from unbackdoor.attacks.poisoned_data import load_data
+    from unbackdoor.core.config import load_config, override
+    from unbackdoor.core.errors import EmptyDataset
+    from unbackdoor.defenses.dbd.config import dbd_preset
+    from unbackdoor.defenses.dbd.stages import run_dbd
+    from unbackdoor.experiment.pipeline import build_model
+    from unbackdoor.training.engine import set_seed
 
     cfg = load_config(dbd_preset(args.preset), args.config, section="dbd")
     if args.seed is not None:

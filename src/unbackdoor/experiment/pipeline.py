@@ -10,18 +10,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attacks.base import check_rate, make_attack
-from .config import to_dict
-from .data.loaders import dataset_info, load_splits
-from .errors import EmptyDataset, UnbackdoorError
-from .io import prepare_out_dir, rollback_on_failure, staged_dir, write_json, write_yaml
-from .metrics import evaluate as evaluate_model
-from .models.io import load_model, save_model
-from .models.registry import create, model_names
-from .rundir import PoisonedData, load_data, save_poisoned
-from .training.fit import TrainConfig, fit
-from .training.distributed import current_context
-from .training.engine import set_seed
+from unbackdoor.attacks.base import check_rate, make_attack
+from unbackdoor.attacks.poisoned_data import PoisonedData, load_data, save_poisoned
+from unbackdoor.core.config import to_dict
+from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
+from unbackdoor.core.files import (
+    prepare_out_dir,
+    rollback_on_failure,
+    staged_dir,
+    write_json,
+    write_yaml,
+)
+from unbackdoor.data.loaders import dataset_info, load_splits
+from unbackdoor.metrics import evaluate as evaluate_model
+from unbackdoor.models.model_dir import load_model, save_model
+from unbackdoor.models.registry import create, model_names
+from unbackdoor.training.distributed import current_context
+from unbackdoor.training.engine import set_seed
+from unbackdoor.training.fit import TrainConfig, fit
 
 
 def poison(dataset: str, attack: str, out: str | os.PathLike, rate: float = 0.1, target: int = 0, seed: int = 0,
@@ -63,7 +69,7 @@ def poison(dataset: str, attack: str, out: str | os.PathLike, rate: float = 0.1,
 
 def build_model(name: str, data: PoisonedData) -> nn.Module:
     if name not in model_names():
-        from .errors import unknown_name
+        from unbackdoor.core.errors import unknown_name
 
         raise unknown_name("model", name, model_names())
     c, h, w = data.train.shape

@@ -80,23 +80,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import SimCLRAugment, WeakAugment, random_grating, random_patches
-from ..data.dataset import ImageDataset
-from ..errors import EmptyDataset, UnbackdoorError
-from ..models.io import last_linear, penultimate_features, unwrap
-from ..training.distributed import current_context, run_on_main
-from ..training.budget import PlateauBudget
-from ..training.engine import Engine, EngineOptions, checkpoint_precision
-from ..training.progress import Progress
-from .dbd_config import (  # noqa: F401  (re-exported: the configs are part of this module's API)
-    GUARDS, PRESETS, DBDConfig, LinearConfig, MixMatchConfig, SimCLRConfig, _plain, dbd_preset,
+from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
+from unbackdoor.data.augment import (
+    SimCLRAugment,
+    WeakAugment,
+    random_grating,
+    random_patches,
 )
-from .dbd_split import (  # noqa: F401 - re-exported
-    Split, class_balance, detection_table, knn_agreement, loss_auroc, sample_losses, split_by_loss,
+from unbackdoor.data.dataset import ImageDataset
+from unbackdoor.defenses.dbd.config import (
+    DBDConfig,
+    LinearConfig,
+    MixMatchConfig,
+    SimCLRConfig,
+    _plain,
 )
-from .losses import (
-    NTXentLoss, linear_rampup, mixmatch_loss, mixup, mixup_lambda, sharpen, symmetric_cross_entropy, weight_given_label,
+from unbackdoor.defenses.dbd.losses import (
+    NTXentLoss,
+    linear_rampup,
+    mixmatch_loss,
+    mixup,
+    mixup_lambda,
+    sharpen,
+    symmetric_cross_entropy,
+    weight_given_label,
 )
+from unbackdoor.defenses.dbd.split import (
+    Split,
+    class_balance,
+    detection_table,
+    knn_agreement,
+    loss_auroc,
+    split_by_loss,
+)
+from unbackdoor.models.model_dir import last_linear, penultimate_features, unwrap
+from unbackdoor.training.budget import PlateauBudget
+from unbackdoor.training.distributed import current_context, run_on_main
+from unbackdoor.training.engine import Engine, EngineOptions, checkpoint_precision
+from unbackdoor.training.progress import Progress
 
 # Independent random sub-streams per stage (Engine.generator(epoch, stream)).
 _STREAM = {"simclr": 1, "linear": 2, "mixmatch": 3}
@@ -543,7 +564,7 @@ class DBDResult:
 
 
 def _as_data(data: Any) -> tuple[ImageDataset, ImageDataset | None, Any, dict]:
-    from ..rundir import PoisonedData
+    from unbackdoor.attacks.poisoned_data import PoisonedData
 
     if isinstance(data, PoisonedData):
         return data.train, data.test, data.attack, dict(data.meta)
@@ -579,10 +600,16 @@ def run_dbd(
             A non-empty folder needs ``resume`` (continue from the checkpoints) or ``force``.
         on_epoch: called as ``on_epoch(stage, record)`` after every epoch's checkpoint.
     """
-    from ..io import prepare_out_dir, rollback_on_failure, write_json, write_text, write_yaml
-    from ..metrics import detection_scores, evaluate
-    from ..models.io import save_model
-    from ..training.device import pick_device, resolve_precision
+    from unbackdoor.core.files import (
+        prepare_out_dir,
+        rollback_on_failure,
+        write_json,
+        write_text,
+        write_yaml,
+    )
+    from unbackdoor.metrics import detection_scores, evaluate
+    from unbackdoor.models.model_dir import save_model
+    from unbackdoor.training.device import pick_device, resolve_precision
 
     cfg = cfg or DBDConfig()
     cfg.validate()
@@ -664,7 +691,7 @@ def run_dbd(
             else:
                 from safetensors.torch import save_file
 
-                from ..io import atomic_path
+                from unbackdoor.core.files import atomic_path
 
                 with atomic_path(out / "model.safetensors") as tmp:
                     save_file({k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}, str(tmp))

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_engine_args, add_out_args, engine_options, print_json, print_table
+from unbackdoor.cli.commands.common import (
+    add_engine_args,
+    add_out_args,
+    engine_options,
+    print_json,
+    print_table,
+)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -56,9 +62,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ..config import load_config, override
-    from ..defenses.bcu import bcu_preset, cleanse
-    from ..io import read_yaml
+    from unbackdoor.core.config import load_config, override
+    from unbackdoor.core.files import read_yaml
+    from unbackdoor.defenses.bcu.distill import bcu_preset, cleanse
 
     cfg = load_config(bcu_preset(args.preset), args.config, section="bcu")
     cli = {"p_scale": args.p_scale, "rule": args.rule, "ablation": args.ablation, "epochs": args.epochs,

@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import load_config, override
-from ..models.registry import model_names
-from ..training.fit import TrainConfig
-from .common import add_engine_args, add_out_args, engine_options, print_json, print_table
+from unbackdoor.cli.commands.common import (
+    add_engine_args,
+    add_out_args,
+    engine_options,
+    print_json,
+    print_table,
+)
+from unbackdoor.core.config import load_config, override
+from unbackdoor.models.registry import model_names
+from unbackdoor.training.fit import TrainConfig
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -28,14 +34,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline import train
+    from unbackdoor.experiment.pipeline import train
 
     cfg = load_config(TrainConfig(), args.config, section="train")
     cli = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}.items() if v is not None}
     cfg = override(cfg, cli)
     cfg = override(cfg, {"engine": vars(engine_options(args))})
     if cfg.epochs < 1:
-        from ..errors import UnbackdoorError
+        from unbackdoor.core.errors import UnbackdoorError
 
         raise UnbackdoorError(f"--epochs must be >= 1, got {cfg.epochs}")
     m = train(args.data, args.out, args.model, cfg, resume=args.resume, force=args.force, clean=args.clean)

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UnbackdoorError
-from ..io import atomic_path, read_json, write_json
-from .registry import create, model_names
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.files import atomic_path, read_json, write_json
+from unbackdoor.models.registry import create, model_names
 
 FORMAT_VERSION = 1
 
@@ -79,7 +79,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
 
     p = Path(path)
     if p.is_file() and p.suffix == ".pt":
-        from .backdoorbench import load_backdoorbench
+        from unbackdoor.models.backdoorbench import load_backdoorbench
 
         return load_backdoorbench(p).to(device).eval()
     meta = read_model_meta(p)
