@@ -31,7 +31,8 @@ def one(n: int, precision: str, device: str) -> dict:
     import torch
 
     from unbackdoor.data.idx import fashion_mnist_root, load_idx_split, subset_per_class
-    from unbackdoor.defenses.bcu.distill import bcu_preset, distill, reinitialize
+    from unbackdoor.defenses.bcu.config import bcu_preset
+    from unbackdoor.defenses.bcu.distill import distill, reinitialize
     from unbackdoor.defenses.bcu.schedule import layer_schedule
     from unbackdoor.defenses.dbd.config import dbd_preset
     from unbackdoor.defenses.dbd.stages import (

@@ -23,9 +23,9 @@ from torch import nn
 
 from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.data.unlabeled import load_unlabeled, match_input
+from unbackdoor.defenses.bcu.config import bcu_preset
 from unbackdoor.defenses.bcu.distill import (
     BCUConfig,
-    bcu_preset,
     distill,
     kd_loss,
     reinitialize,

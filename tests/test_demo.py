@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from unbackdoor.core.errors import UnbackdoorError
-from unbackdoor.experiment import run as demo_mod
-from unbackdoor.experiment.run import ExperimentSpec, StageDisplay, run_experiment
+from unbackdoor.cli.display import StageDisplay
+from unbackdoor.experiment.run import run_experiment
+from unbackdoor.experiment.spec import ExperimentSpec, load_experiment_configs
 from unbackdoor.training.engine import EngineOptions
 from unbackdoor.training.fit import TrainConfig
 
@@ -29,7 +30,7 @@ TINY_YAML = {
 def tiny_configs(tmp: Path) -> dict:
     f = tmp / "tiny.yaml"
     f.write_text(yaml.safe_dump(TINY_YAML))
-    return demo_mod.load_experiment_configs(f, "quick")
+    return load_experiment_configs(f, "quick")
 
 
 def run(out: Path, spec: ExperimentSpec, configs: dict, **kw) -> tuple[dict, str]:
@@ -97,16 +98,6 @@ def test_other_settings_are_refused(experiment):
         run(out, ExperimentSpec(dataset="digits", attack="blended"), configs)
 
 
-def test_unavailable_defense_is_skipped_with_a_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo_mod, "defense_available", lambda name: (False, f"unbackdoor.defenses.{name} is missing"))
-    res, log = run(tmp_path / "out", ExperimentSpec(dataset="digits", defenses=("dbd",)),
-                   {"train": TrainConfig(epochs=1)}, report=False)
-    assert "DBD — skipped: unbackdoor.defenses.dbd is missing" in log
-    assert res["skipped"] == {"dbd": "unbackdoor.defenses.dbd is missing"}
-    assert not (tmp_path / "out" / "dbd").exists()
-    assert [r["role"] for r in res["rows"]] == ["undefended"]
-
-
 def test_bad_arguments_are_clear(tmp_path):
     with pytest.raises(UnbackdoorError, match="unknown attack"):
         run(tmp_path, ExperimentSpec(attack="nope"), {})
@@ -115,7 +106,7 @@ def test_bad_arguments_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("mixmatch: {epochs: 1}\n")
     with pytest.raises(UnbackdoorError, match="unknown section"):
-        demo_mod.load_experiment_configs(bad)
+        load_experiment_configs(bad)
 
 
 def test_cli_demo_and_sweep(tmp_path, capsys):

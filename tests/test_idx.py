@@ -13,7 +13,7 @@ from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.data.idx import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
-    DatasetFilesMissing,
+    NeedsLocalFiles,
     fashion_mnist_root,
     load_idx_split,
     read_idx,
@@ -86,9 +86,9 @@ def test_idx_errors_are_clear(tmp_path):
         read_idx(tmp_path / "broken.gz")
     with pytest.raises(UnbackdoorError, match="not found"):
         read_idx(tmp_path / "missing")
-    with pytest.raises(DatasetFilesMissing, match="apt-get install -y dataset-fashion-mnist"):
+    with pytest.raises(NeedsLocalFiles, match="apt-get install -y dataset-fashion-mnist"):
         fashion_mnist_root(tmp_path)
-    with pytest.raises(DatasetFilesMissing):
+    with pytest.raises(NeedsLocalFiles):
         load_splits("fashion-mnist5k", root=tmp_path)
     parts = write_mnist_layout(tmp_path / "mismatch")
     (tmp_path / "mismatch" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(parts["train"][1][:5])))

@@ -25,7 +25,9 @@ from unbackdoor.experiment.pipeline import train
 from unbackdoor.models.model_dir import load_model
 from unbackdoor.models.registry import create
 from unbackdoor.report.build import ReportOptions, build_report, history_stages
-from unbackdoor.report.runs import discover, final_metrics, read_detection
+from unbackdoor.core.errors import RunFormatError
+from unbackdoor.core.layout import headline, run_metrics
+from unbackdoor.report.runs import discover, read_detection
 from unbackdoor.training.engine import EngineOptions
 from unbackdoor.training.fit import TrainConfig
 
@@ -197,7 +199,7 @@ def test_files_written_and_summary_matches_metrics(built):
     assert on_disk["rows"] == json.loads(json.dumps(summary["rows"]))
     by_role = {r["role"]: r for r in summary["rows"]}
     for role, row in by_role.items():
-        m = final_metrics(json.loads((Path(row["run_dir"]) / "metrics.json").read_text()))
+        m = headline(json.loads((Path(row["run_dir"]) / "metrics.json").read_text())["final"])
         for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy"):
             assert row[k] == pytest.approx(m[k], abs=0), (role, k)
     und = by_role["undefended"]
@@ -220,7 +222,7 @@ def test_html_is_self_contained_and_tables_hold_measured_numbers(built):
     results = rows_of(page.tables["results"])
     for row in summary["rows"]:
         cells = results[row["label"]]
-        m = final_metrics(json.loads((Path(row["run_dir"]) / "metrics.json").read_text()))
+        m = headline(json.loads((Path(row["run_dir"]) / "metrics.json").read_text())["final"])
         for col, key in ((1, "clean_accuracy"), (2, "attack_success_rate"), (3, "robust_accuracy")):
             text, value = cells[col]
             assert float(value) == m[key]
@@ -269,15 +271,20 @@ def test_chromium_loads_every_image(built, chromium, tmp_path):
 
 
 # ---------------------------------------------------------------------------- robustness, no training needed
-def test_final_metrics_finds_numbers_where_each_command_keeps_them():
-    assert final_metrics({"clean_accuracy": 0.9, "attack_success_rate": 0.1})["clean_accuracy"] == 0.9
-    bcu = {"before": {"clean_accuracy": 0.97, "attack_success_rate": 1.0}, "after": {"clean_accuracy": 0.95,
-                                                                                     "attack_success_rate": 0.02}, "der": 0.98}
-    assert final_metrics(bcu) == {"clean_accuracy": 0.95, "attack_success_rate": 0.02, "robust_accuracy": None}
-    dbd_nested = {"after_stage2": {"clean_accuracy": 0.8}, "after_stage3": {"clean_accuracy": 0.97, "asr": 0.01}}
-    assert final_metrics(dbd_nested)["clean_accuracy"] == 0.97 and final_metrics(dbd_nested)["attack_success_rate"] == 0.01
-    assert final_metrics({}) == {"clean_accuracy": None, "attack_success_rate": None, "robust_accuracy": None}
-    assert final_metrics({"clean_accuracy": "nan?"})["clean_accuracy"] is None
+def test_every_run_writes_the_metrics_schema(tree):
+    """train and each defense write before / final / stages in the one schema the report reads."""
+    _, runs = discover(tree)
+    for r in runs:
+        m = json.loads((r.path / "metrics.json").read_text())
+        assert m["schema"] == 1 and m["method"] == r.role and m["label"]
+        assert set(m["final"]) >= {"clean_accuracy", "attack_success_rate", "robust_accuracy"}
+        assert isinstance(m["stages"], dict) and isinstance(m["seconds"]["total"], float)
+    by_role = {r.role: r for r in runs}
+    assert by_role["undefended"].before is None
+    if "bcu" in by_role:
+        assert by_role["bcu"].before == pytest.approx(by_role["undefended"].final)  # the model it started from
+    if "dbd" in by_role:
+        assert list(by_role["dbd"].stages) == ["after_stage2", "after_stage3"]
 
 
 def test_history_normalised_per_stage():
@@ -288,18 +295,29 @@ def test_history_normalised_per_stage():
     assert history_stages(None) == {} and history_stages("junk") == {}
 
 
-def test_report_survives_sparse_and_broken_runs(tmp_path):
-    """Runs with missing keys, a corrupted file or no model still give a report (blanks, notes)."""
+def test_report_survives_sparse_runs(tmp_path):
+    """Runs with no model, no history and numbers missing still give a report (blanks)."""
     (tmp_path / "a").mkdir()
-    write_json(tmp_path / "a" / "metrics.json", {"clean_accuracy": 0.91})
+    write_json(tmp_path / "a" / "metrics.json", run_metrics("undefended", "Undefended", {"clean_accuracy": 0.91}))
     (tmp_path / "dbd-run").mkdir()
     (tmp_path / "dbd-run" / "detection.csv").write_text("index,label,loss,kept\n0,1,0.5,1\n1,0,3.0,0\n")
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "metrics.json").write_text("{not json")
+    write_json(tmp_path / "dbd-run" / "metrics.json", run_metrics("dbd", "DBD", None))
     s = build_report(tmp_path, tmp_path / "out" / "r.html", ReportOptions(embed_points=0))
     assert {r["role"] for r in s["rows"]} >= {"dbd"}
     html = (tmp_path / "out" / "r.html").read_text()
     assert "91.0%" in html and (tmp_path / "out" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"clean_accuracy": 0.9}', '{"schema": 1, "method": "", "label": "x"}'])
+def test_a_folder_the_report_cannot_read_is_a_clear_error(tmp_path, content):
+    """No guessing from aliases or folder names: a metrics.json outside the schema names its folder."""
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "metrics.json").write_text(content)
+    with pytest.raises(UnbackdoorError, match="odd"):
+        build_report(tmp_path, tmp_path / "r.html", ReportOptions(embed_points=0))
+    if content.startswith('{"clean'):
+        with pytest.raises(RunFormatError, match="schema"):
+            discover(tmp_path)
 
 
 def test_scattered_cli_runs_find_their_data(tmp_path):
@@ -316,7 +334,8 @@ def test_scattered_cli_runs_find_their_data(tmp_path):
     for rel, cfg in runs.items():
         (tmp_path / rel).mkdir(parents=True)
         write_yaml(tmp_path / rel / "config.yaml", cfg)
-        write_json(tmp_path / rel / "metrics.json", {"clean_accuracy": 0.9})
+        method = cfg["command"] if cfg["command"] != "train" else "undefended"
+        write_json(tmp_path / rel / "metrics.json", run_metrics(method, method.upper(), {"clean_accuracy": 0.9}))
     _, found = discover(tmp_path)
     got = {r.path.relative_to(tmp_path).as_posix(): (r.role, r.data.path.name if r.data else None) for r in found}
     assert got == {"models/und": ("undefended", "d1"), "x/dbd-run": ("dbd", "d1"), "y/cleansed": ("bcu", "d1"),

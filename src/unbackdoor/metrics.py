@@ -1,4 +1,4 @@
-"""Metrics, defined once (DESIGN.md).
+"""Metrics, defined once (docs/design.md).
 
 - clean accuracy (BA): accuracy on the clean test set;
 - attack success rate (ASR): on test images whose true label is not the target
@@ -10,14 +10,11 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from unbackdoor.attacks.base import Attack
-    from unbackdoor.data.dataset import ImageDataset
+from unbackdoor.attacks.base import Attack
+from unbackdoor.data.dataset import ImageDataset
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:

@@ -18,29 +18,28 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from unbackdoor.core.errors import UnbackdoorError, unknown_name
+from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.core.files import atomic_path, read_json, write_json
+from unbackdoor.core.registry import Registry
 from unbackdoor.data.augment import to_float, to_uint8
 from unbackdoor.data.dataset import ImageDataset
 
 MODES = ("all-to-one", "all-to-all")
-_ATTACKS: dict[str, type["Attack"]] = {}
+_ATTACKS: Registry[type["Attack"]] = Registry("attack")
 
 
 def register(cls: type["Attack"]) -> type["Attack"]:
-    _ATTACKS[cls.name] = cls
+    _ATTACKS.add(cls.name, cls, replace=True)
     return cls
 
 
 def attack_names() -> list[str]:
-    return sorted(_ATTACKS)
+    return sorted(_ATTACKS.names())
 
 
 def attack_class(name: str) -> type["Attack"]:
     """The registered attack class of ``name`` (clear error listing the valid names)."""
-    if name not in _ATTACKS:
-        raise unknown_name("attack", name, attack_names())
-    return _ATTACKS[name]
+    return _ATTACKS.get(name)
 
 
 class Attack:

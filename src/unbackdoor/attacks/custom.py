@@ -6,6 +6,7 @@ import torch
 
 from unbackdoor.attacks.base import Attack, register
 from unbackdoor.attacks.blended import load_trigger_image
+from unbackdoor.core.errors import UnbackdoorError
 
 
 @register
@@ -14,7 +15,6 @@ class CustomTrigger(Attack):
 
     def __init__(self, shape, num_classes, target=0, mode="all-to-one", seed=0, trigger: str = "", mask: str = "", _restoring: bool = False):
         super().__init__(shape, num_classes, target, mode, seed)
-        from unbackdoor.core.errors import UnbackdoorError
 
         self.trigger_path, self.mask_path = trigger, mask
         if _restoring:  # load_attack fills pattern/mask from attack.safetensors

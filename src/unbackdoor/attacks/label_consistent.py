@@ -44,6 +44,10 @@ import torch.nn.functional as F
 from unbackdoor.attacks.base import Attack, register
 from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.data.augment import to_float, to_uint8
+from unbackdoor.models.registry import create
+from unbackdoor.training import fit
+from unbackdoor.training.engine import EngineOptions, set_seed
+from unbackdoor.training.fit import TrainConfig
 
 
 def corner_checkerboard(shape: tuple[int, int, int], size: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,11 +146,6 @@ class LabelConsistent(Attack):
 
     def train_surrogate(self, dataset) -> torch.nn.Module:
         """Train the clean surrogate the adversarial perturbations come from."""
-        from unbackdoor.models.registry import create
-        from unbackdoor.training import fit
-        from unbackdoor.training.engine import EngineOptions, set_seed
-        from unbackdoor.training.fit import TrainConfig
-
         set_seed(self.seed)
         model = create(self.surrogate_model, dataset.num_classes, dataset.shape[0], dataset.shape[1])
         cfg = TrainConfig(epochs=self.surrogate_epochs, seed=self.seed, engine=EngineOptions(progress=False))

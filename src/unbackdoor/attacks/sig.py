@@ -15,6 +15,7 @@ import torch
 
 from unbackdoor.attacks.base import Attack, register
 from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.data.augment import to_float, to_uint8
 
 
 @register
@@ -41,8 +42,6 @@ class SIG(Attack):
 
     def poison_images(self, images, labels, dataset):
         """Training-time poisoning (strength ``delta``)."""
-        from unbackdoor.data.augment import to_float, to_uint8
-
         x = to_float(images)
         return to_uint8((x + self._signal(self.delta, x)).clamp(0, 1))
 

@@ -1,7 +1,8 @@
 """Command-line interface: a thin skin over the Python API.
 
-Each subcommand lives in ``unbackdoor/commands/<name>.py`` with ``add_parser``
-and ``run``; user errors print one line on stderr and exit with status 2.
+Each subcommand lives in ``unbackdoor/cli/commands/<name>.py`` with ``add_parser``
+and ``run``; each registered defense gets one from :mod:`unbackdoor.cli.defense_command`.
+User errors print one line on stderr and exit with status 2.
 """
 from __future__ import annotations
 
@@ -9,32 +10,40 @@ import argparse
 import importlib
 import sys
 
-from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.version import __version__
+from unbackdoor.cli.defense_command import add_defense_parser
+from unbackdoor.core.errors import NeedsLocalFiles, OutputExists, UnbackdoorError
+from unbackdoor.defenses import defenses
+from unbackdoor.training.device import pick_device, tune_cpu_allocator
+from unbackdoor.training.distributed import init_distributed
 
-# Order = order in --help. Adding a command is adding a module here.
-COMMANDS = ["poison", "train", "evaluate", "dbd", "bcu", "demo", "report", "sweep"]
+# Order = order in --help (every registered defense comes after "evaluate").
+# Adding a command is adding a module here; a defense brings its own command.
+BEFORE_DEFENSES = ["poison", "train", "evaluate"]
+AFTER_DEFENSES = ["demo", "report", "sweep"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from unbackdoor import __version__
-
     parser = argparse.ArgumentParser(
         prog="unbackdoor",
         description="Defend image classifiers against backdoor attacks: poison data, train, "
-        "defend with DBD or BCU, and measure.",
+        "defend, and measure.",
     )
     parser.add_argument("--version", action="version", version=f"unbackdoor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f".commands.{name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith(f"commands.{name}"):
-                continue  # command not available in this build
-            raise
-        p = mod.add_parser(sub)
-        p.set_defaults(_run=mod.run)
+    for name in BEFORE_DEFENSES:
+        _add_command(sub, name)
+    for defense in defenses():
+        add_defense_parser(sub, defense)
+    for name in AFTER_DEFENSES:
+        _add_command(sub, name)
     return parser
+
+
+def _add_command(sub, name: str) -> None:
+    mod = importlib.import_module(f"unbackdoor.cli.commands.{name}")
+    p = mod.add_parser(sub)
+    p.set_defaults(_run=mod.run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # Our warnings are advice to the user: one line, no source location.
     warnings.formatwarning = lambda msg, cat, *a, **k: f"unbackdoor {args.command}: warning: {msg}\n"
-    from unbackdoor.training.device import tune_cpu_allocator
 
     tune_cpu_allocator()
     try:
@@ -56,13 +64,23 @@ def main(argv: list[str] | None = None) -> int:
         return int(rc or 0)
     except UnbackdoorError as e:
         # One line, always: messages may embed a library's multi-line text.
-        print(f"unbackdoor {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"unbackdoor {args.command}: error: {' '.join(str(e).split())}{_hint(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"unbackdoor {args.command}: interrupted (re-run with --resume to continue)", file=sys.stderr)
         return 130
     finally:
         _finish_distributed()
+
+
+def _hint(e: UnbackdoorError, args: argparse.Namespace) -> str:
+    """The flag that fixes an error of this type, where the command has it."""
+    if isinstance(e, OutputExists) and hasattr(args, "force"):
+        resume = " or --resume to continue" if e.resumable and hasattr(args, "resume") else ""
+        return f"; pass --force to overwrite{resume}"
+    if isinstance(e, NeedsLocalFiles) and hasattr(args, "root"):
+        return "; pass --root PATH"
+    return ""
 
 
 def _finish_distributed() -> None:
@@ -79,8 +97,6 @@ def _init_distributed(args: argparse.Namespace) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    from unbackdoor.training.device import pick_device
-    from unbackdoor.training.distributed import init_distributed
 
     ctx = init_distributed(pick_device(getattr(args, "device", "auto")).type)
     if not ctx.is_main:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.errors import OutputExists, UnbackdoorError
 
 
 @contextlib.contextmanager
@@ -114,7 +114,7 @@ def prepare_out_dir(path: str | os.PathLike, *, force: bool = False, resume: boo
     - empty or missing: fine (created);
     - non-empty with ``resume``: fine, the caller continues from its checkpoints;
     - non-empty with ``force``: the old contents are removed;
-    - otherwise an :class:`UnbackdoorError`.
+    - otherwise an :class:`OutputExists`.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -125,10 +125,7 @@ def prepare_out_dir(path: str | os.PathLike, *, force: bool = False, resume: boo
         if force:
             shutil.rmtree(path)
         else:
-            raise UnbackdoorError(
-                f"output directory {path} exists and is not empty; pass --force to overwrite "
-                "or --resume to continue"
-            )
+            raise OutputExists(f"output directory {path} exists and is not empty", resumable=True)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -162,7 +159,7 @@ def staged_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path
     if path.exists() and not path.is_dir():
         raise UnbackdoorError(f"output path {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not force:
-        raise UnbackdoorError(f"output directory {path} exists and is not empty; pass --force to overwrite")
+        raise OutputExists(f"output directory {path} exists and is not empty")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

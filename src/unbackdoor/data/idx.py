@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.errors import NeedsLocalFiles, UnbackdoorError
 from unbackdoor.data.dataset import ImageDataset
 
 # type code -> numpy dtype (big-endian where it matters)
@@ -29,10 +29,6 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 # The four files of a dataset in the MNIST layout (train / test, images / labels).
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-
-
-class DatasetFilesMissing(UnbackdoorError):
-    """A dataset read from local files was not found where it was looked for."""
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -65,7 +61,7 @@ def _find(root: Path, stem: str) -> Path:
     for name in (f"{stem}.gz", stem):
         if (root / name).is_file():
             return root / name
-    raise DatasetFilesMissing(f"{stem}[.gz] not found in {root}")
+    raise NeedsLocalFiles(f"{stem}[.gz] not found in {root}")
 
 
 def load_idx_split(root: str | os.PathLike, part: str, classes: list[str] | None = None,
@@ -93,7 +89,7 @@ def fashion_mnist_root(root: str | os.PathLike | None) -> Path:
     if not any((path / f"{s}{ext}").is_file() for s in IDX_FILES["train"][:1] for ext in (".gz", "")):
         how = ("install Debian's package: apt-get install -y dataset-fashion-mnist (make setup does it where it can), "
                "or point the loader at a folder holding train-images-idx3-ubyte.gz and the three other IDX files")
-        raise DatasetFilesMissing(f"Fashion-MNIST not found in {path}; {how}")
+        raise NeedsLocalFiles(f"Fashion-MNIST not found in {path}; {how}")
     return path
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unbackdoor.core.errors import UnbackdoorError, unknown_name
+from unbackdoor.core.errors import NeedsLocalFiles, UnbackdoorError, unknown_name
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.data.idx import (
     FASHION_MNIST_CLASSES,
@@ -391,7 +391,7 @@ def load_splits(name: str, root: str | os.PathLike | None = None, seed: int = 0,
         raise _unknown_dataset(str(name))
     if info.needs_root:
         if root is None:
-            raise UnbackdoorError(f"dataset {name!r} is read from local files: pass --root PATH")
+            raise NeedsLocalFiles(f"dataset {name!r} is read from local files and no folder was given")
         if not Path(root).exists():
             raise UnbackdoorError(f"path not found for dataset {name!r}: {root}")
     splits = fn(root=root, seed=seed, **kw)

@@ -9,8 +9,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from unbackdoor.core import layout
 from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.files import read_json
 from unbackdoor.data.dataset import ImageDataset
+from unbackdoor.data.loaders import IMAGE_EXTS, _open_image, dataset_names, load_splits
 
 
 def match_input(ds: ImageDataset, shape: tuple[int, int, int], fit: str = "resize") -> ImageDataset:
@@ -51,16 +54,13 @@ def load_unlabeled(source: str | os.PathLike, shape: tuple[int, int, int], fit: 
     dropped. ``flip`` overrides whether horizontal flips are a valid augmentation
     (default: the dataset's own setting, False for files and folders).
     """
-    from unbackdoor.data.loaders import dataset_names, load_splits
-
     p = Path(source)
-    if p.is_dir() and (p / "train.npz").exists():
-        from unbackdoor.attacks.poisoned_data import load_data
-
-        pd = load_data(p)
-        if pd.heldout is None:
-            raise UnbackdoorError(f"{p} has no heldout.npz: pass an .npz or folder of unlabeled images instead")
-        ds = pd.heldout
+    if p.is_dir() and (p / layout.TRAIN).exists():  # a poisoned-data folder: its clean held-out split
+        if not (p / layout.HELDOUT).exists():
+            raise UnbackdoorError(f"{p} has no {layout.HELDOUT}: pass an .npz or folder of unlabeled images instead")
+        ds = ImageDataset.load_npz(p / layout.HELDOUT, name="heldout")
+        stats = read_json(p / layout.METRICS) if (p / layout.METRICS).is_file() else {}
+        ds.meta.update({"flip": bool(stats.get("flip", False)), "dataset": stats.get("dataset", "")})
     elif p.is_file():
         if p.suffix != ".npz":
             raise UnbackdoorError(f"unlabeled source {p} must be an .npz, a folder of images, a poisoned-data "
@@ -87,7 +87,6 @@ def load_unlabeled(source: str | os.PathLike, shape: tuple[int, int, int], fit: 
 def _load_image_dir(root: Path, shape: tuple[int, int, int]) -> ImageDataset:
     import numpy as np
 
-    from unbackdoor.data.loaders import IMAGE_EXTS, _open_image
 
     files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
     if not files:

@@ -1,1 +1,24 @@
-"""Defenses, one module (or small package) each."""
+"""Defenses, one module (or small package) each, on one interface (:mod:`.base`).
+
+Built in: :mod:`.dbd` (trains from a poisoned training set) and :mod:`.bcu`
+(cleanses a trained model with unlabeled images). Importing this package
+registers them; :func:`defenses` lists everything registered.
+"""
+# isort: off
+from unbackdoor.defenses import dbd  # noqa: F401 - registers itself (first: the listing order)
+from unbackdoor.defenses import bcu  # noqa: F401 - registers itself
+# isort: on
+from unbackdoor.defenses.base import (
+    INPUTS,
+    Defense,
+    DefenseInputs,
+    DefenseResult,
+    defense_names,
+    defenses,
+    get_defense,
+    register_defense,
+    unregister_defense,
+)
+
+__all__ = ["INPUTS", "Defense", "DefenseInputs", "DefenseResult", "defense_names", "defenses", "get_defense",
+           "register_defense", "unregister_defense"]

@@ -12,8 +12,13 @@ from torch import nn
 
 from unbackdoor.attacks.base import check_rate, make_attack
 from unbackdoor.attacks.poisoned_data import PoisonedData, load_data, save_poisoned
+from unbackdoor.core import layout
 from unbackdoor.core.config import to_dict
-from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
+from unbackdoor.core.errors import (
+    EmptyDataset,
+    OutputExists,
+    UnbackdoorError,
+)
 from unbackdoor.core.files import (
     prepare_out_dir,
     rollback_on_failure,
@@ -24,7 +29,7 @@ from unbackdoor.core.files import (
 from unbackdoor.data.loaders import dataset_info, load_splits
 from unbackdoor.metrics import evaluate as evaluate_model
 from unbackdoor.models.model_dir import load_model, save_model
-from unbackdoor.models.registry import create, model_names
+from unbackdoor.models.registry import build_for_data
 from unbackdoor.training.distributed import current_context
 from unbackdoor.training.engine import set_seed
 from unbackdoor.training.fit import TrainConfig, fit
@@ -41,7 +46,7 @@ def poison(dataset: str, attack: str, out: str | os.PathLike, rate: float = 0.1,
     check_rate(rate)
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UnbackdoorError(f"output directory {out} exists and is not empty; pass --force to overwrite")
+        raise OutputExists(f"output directory {out} exists and is not empty")
     info = dataset_info(dataset) if not Path(dataset).exists() else None
     splits = load_splits(dataset, root=root, seed=seed)
     atk = make_attack(attack, splits.train.shape, splits.train.num_classes, target=target, mode=mode, seed=seed, **(params or {}))
@@ -67,17 +72,6 @@ def poison(dataset: str, attack: str, out: str | os.PathLike, rate: float = 0.1,
     return PoisonedData(ptrain, splits.test, splits.heldout, atk, stats, (changed, splits.train.images[changed]))
 
 
-def build_model(name: str, data: PoisonedData) -> nn.Module:
-    if name not in model_names():
-        from unbackdoor.core.errors import unknown_name
-
-        raise unknown_name("model", name, model_names())
-    c, h, w = data.train.shape
-    if h != w:
-        raise UnbackdoorError(f"models expect square images, got {h}x{w}")
-    return create(name, num_classes=data.train.num_classes, in_channels=c, image_size=h)
-
-
 def train(data: str | os.PathLike | PoisonedData, out: str | os.PathLike, model: str | nn.Module = "cnn-small",
           cfg: TrainConfig | None = None, resume: bool = False, force: bool = False, clean: bool = False) -> dict:
     """Train a model on a poisoned-data folder (or ``.npz``) and write a model directory to ``out``.
@@ -95,7 +89,7 @@ def train(data: str | os.PathLike | PoisonedData, out: str | os.PathLike, model:
         raise EmptyDataset(f"the training set of {data if not isinstance(data, PoisonedData) else 'the data'} holds 0 images")
     arch = model if isinstance(model, str) else getattr(model, "arch", {}).get("name", "custom")
     set_seed(cfg.seed)
-    net = build_model(model, pd) if isinstance(model, str) else model
+    net = build_for_data(model, pd.train) if isinstance(model, str) else model
     ctx = current_context()
     was_missing = not Path(out).exists()
     if ctx.is_main:
@@ -110,14 +104,17 @@ def train(data: str | os.PathLike | PoisonedData, out: str | os.PathLike, model:
         res = fit(net, train_set, cfg, checkpoint=out / "checkpoint.pt", resume=resume, evaluate=evaluate)
     if not ctx.is_main:  # only rank 0 writes (issue 7); the others return its model unsaved
         return {}
-    metrics = evaluate_model(res.model, pd.test, pd.attack)
-    metrics.update({"train_seconds": round(res.seconds, 2), "epochs": cfg.epochs, "precision": res.precision,
-                    "model": arch, "clean_reference": clean, "n_train": len(train_set), "world_size": ctx.world_size})
+    measured = evaluate_model(res.model, pd.test, pd.attack)
+    method, label = (layout.CLEAN_REFERENCE, "Clean reference") if clean else (layout.UNDEFENDED, "Undefended")
+    # The measurements stay at the top level too, as train's metrics.json always had them.
+    metrics = layout.run_metrics(method, label, measured, seconds={"total": round(res.seconds, 2)}, **measured,
+                                 train_seconds=round(res.seconds, 2), epochs=cfg.epochs, precision=res.precision,
+                                 model=arch, clean_reference=clean, n_train=len(train_set), world_size=ctx.world_size)
     if arch != "custom":
         save_model(res.model, out, classes=pd.train.classes,
                    provenance={"command": "train", "clean": clean, "attack": pd.attack.spec() if pd.attack else None})
-    write_json(out / "history.json", res.history)
-    write_json(out / "metrics.json", metrics)
+    write_json(out / layout.HISTORY, res.history)
+    write_json(out / layout.METRICS, metrics)
     return metrics
 
 

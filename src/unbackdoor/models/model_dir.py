@@ -15,6 +15,7 @@ from torch import nn
 
 from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.core.files import atomic_path, read_json, write_json
+from unbackdoor.models.backdoorbench import load_backdoorbench
 from unbackdoor.models.registry import create, model_names
 
 FORMAT_VERSION = 1
@@ -79,8 +80,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
 
     p = Path(path)
     if p.is_file() and p.suffix == ".pt":
-        from unbackdoor.models.backdoorbench import load_backdoorbench
-
         return load_backdoorbench(p).to(device).eval()
     meta = read_model_meta(p)
     arch = dict(meta["architecture"])

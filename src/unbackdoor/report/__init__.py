@@ -14,9 +14,8 @@ from unbackdoor.report.runs import (
     DataRun,
     ModelRun,
     discover,
-    final_metrics,
     read_detection,
 )
 
-__all__ = ["build_report", "collect", "ReportOptions", "discover", "DataRun", "ModelRun", "final_metrics",
+__all__ = ["build_report", "collect", "ReportOptions", "discover", "DataRun", "ModelRun",
 "read_detection", "history_stages", "model_row"]

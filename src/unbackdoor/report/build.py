@@ -14,7 +14,13 @@ import numpy as np
 import torch
 import yaml
 
+from unbackdoor.core.version import __version__
+from unbackdoor.attacks.base import load_attack
+from unbackdoor.core import layout
 from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.files import write_json, write_text
+from unbackdoor.data.dataset import ImageDataset
+from unbackdoor.defenses import defense_names, get_defense
 from unbackdoor.metrics import der as der_score
 from unbackdoor.metrics import detection_scores
 from unbackdoor.report import figures
@@ -39,14 +45,14 @@ from unbackdoor.report.features import (
     predict_labels,
     subsample,
 )
+from unbackdoor.report.render import render_html, render_markdown
 from unbackdoor.report.runs import (
     DataRun,
     ModelRun,
-    before_metrics,
     discover,
     read_detection,
+    role_order,
     sort_runs,
-    stage_metrics,
 )
 
 TABLE_COLUMNS = ["Model", "Clean accuracy", "ASR", "Robust accuracy", "DER", "Time", "Run"]
@@ -83,12 +89,10 @@ class Group:
         return self.data.attack_name if self.data else "unknown"
 
     def undefended(self) -> ModelRun | None:
-        return next((r for r in self.runs if r.role == "undefended"), None)
+        return next((r for r in self.runs if r.role == layout.UNDEFENDED), None)
 
     # lazily loaded, shared by the figures of this group
     def dataset(self, split: str):
-        from unbackdoor.data.dataset import ImageDataset
-
         if split not in self._cache:
             p = self.data.path / f"{split}.npz" if self.data else None
             self._cache[split] = ImageDataset.load_npz(p, name=split) if p is not None and p.is_file() else None
@@ -96,8 +100,6 @@ class Group:
 
     def attack_obj(self):
         if "attack" not in self._cache:
-            from unbackdoor.attacks.base import load_attack
-
             ok = self.data is not None and (self.data.path / "attack.json").is_file()
             try:
                 self._cache["attack"] = load_attack(self.data.path) if ok else None
@@ -150,21 +152,6 @@ def _shown(root: Path) -> str:
         return str(root)
 
 
-def _seconds(m: dict) -> float | None:
-    """Training time of a run: a number under a *seconds key, or ``seconds: {total: ...}`` (DBD)."""
-    for k in ("total_seconds", "seconds", "train_seconds", "distill_seconds", "wall_seconds"):
-        v = m.get(k) if isinstance(m, dict) else None
-        if isinstance(v, dict):
-            v = v.get("total")
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    if isinstance(m, dict):
-        parts = [v for k, v in m.items() if k.endswith("_seconds") and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if parts:
-            return float(sum(parts))
-    return None
-
-
 def _fmt_seconds(s: float | None) -> str:
     if s is None:
         return "—"
@@ -175,14 +162,14 @@ def model_row(run: ModelRun, undefended: ModelRun | None) -> dict[str, Any]:
     """The measured numbers of one model, with DER against the undefended model of its attack."""
     f = run.final
     d = None
-    if run.role not in ("undefended", "clean"):
-        base = undefended.final if undefended is not None else before_metrics(run.metrics)
+    if run.role not in (layout.UNDEFENDED, layout.CLEAN_REFERENCE):
+        base = undefended.final if undefended is not None else run.before
         if base and None not in (base["clean_accuracy"], base["attack_success_rate"], f["clean_accuracy"], f["attack_success_rate"]):
             d = der_score(base["clean_accuracy"], base["attack_success_rate"], f["clean_accuracy"], f["attack_success_rate"])
         elif isinstance(run.metrics.get("der"), (int, float)):
             d = float(run.metrics["der"])
     return {"label": run.label, "role": run.role, "run_dir": str(run.path), **f, "der": d,
-            "seconds": _seconds(run.metrics)}
+            "seconds": run.seconds}
 
 
 def der_tone(d: float | None) -> str:
@@ -228,7 +215,11 @@ def history_stages(h: Any, name: str = "training") -> dict[str, list[dict]]:
     return out
 
 
-_STAGE_NAMES = {"undefended": "supervised training", "clean": "supervised training", "bcu": "distillation"}
+def _history_stage(role: str) -> str:
+    """What a flat history.json of a run with this role records."""
+    if role in (layout.UNDEFENDED, layout.CLEAN_REFERENCE):
+        return "supervised training"
+    return get_defense(role).history_stage if role in defense_names() else "training"
 
 
 def _stage_title(name: str) -> str:
@@ -275,7 +266,7 @@ class _Builder:
             "ASR: triggered test images (true label ≠ target) classified as the target. Robust accuracy: the same images "
             "classified correctly. DER = (max(0, ΔASR) − max(0, Δclean accuracy) + 1) / 2 against the undefended model "
             "(1 = backdoor removed at no accuracy cost, 0.5 = no change).")))
-        if g.undefended() is None and any(r["role"] in ("dbd", "bcu") for r in rows):
+        if g.undefended() is None and any(r["role"] in defense_names() for r in rows):
             blocks.append(Note("No undefended model for this attack in the tree: DER is taken from the defense's own metrics.json where present.", "warn"))
         return blocks
 
@@ -370,10 +361,10 @@ class _Builder:
                   Cell(num(sc["precision"]), sc["precision"]), Cell(num(sc["recall"]), sc["recall"],
                                                                     "good" if sc["recall"] >= 0.99 else "warn"),
                   Cell(num(sc["f1"]), sc["f1"]), Cell(num(auroc), auroc), Cell(num(ap), ap)]],
-                "DBD's final split as a detector: a sample it treats as unlabeled (removed) is flagged. "
-                "AUROC / AP rank samples by their stage-3 loss.", name="detection"))
+                f"{label}'s final split as a detector: a sample it removes from its labelled data is flagged. "
+                "AUROC / AP rank samples by the loss recorded in its detection.csv.", name="detection"))
             png = figures.detection(loss, kept, pois)
-            caption = ("Left: the stage-3 loss of every training sample; poisoned samples should sit on the right "
+            caption = ("Left: the final loss of every training sample; poisoned samples should sit on the right "
                        "(high loss), beyond the split. Middle: what the final split kept as labelled. Right: "
                        "precision–recall of the loss as a poison score.")
             blocks.append(self.fig(f"{g.key}-{run.path.name}-detection", png,
@@ -382,10 +373,11 @@ class _Builder:
 
     def features(self, g: Group) -> list:
         k = self.opts.embed_points
-        runs = [r for r in g.runs if r.has_model and r.role in ("undefended", "dbd", "bcu", "clean", "model")]
-        # The paper's picture: the backdoored model next to DBD's; then the others if room is left.
-        order = {"undefended": 0, "dbd": 1, "bcu": 2, "clean": 3, "model": 4}
-        runs = sorted(runs, key=lambda r: order.get(r.role, 9))[:MAX_EMBED_PANELS]
+        # The backdoored model first, then the defenses in registry order (the clean reference
+        # after them), as many as there is room for.
+        order = [layout.UNDEFENDED, *defense_names(), layout.CLEAN_REFERENCE]
+        runs = [r for r in g.runs if r.has_model]
+        runs = sorted(runs, key=lambda r: order.index(r.role) if r.role in order else len(order))[:MAX_EMBED_PANELS]
         train = g.dataset("train")
         if k <= 0 or not runs or train is None:
             return []
@@ -421,14 +413,14 @@ class _Builder:
     def curves(self, g: Group) -> list:
         blocks: list = []
         for run in g.runs:
-            stages = history_stages(run.history, _STAGE_NAMES.get(run.role, "training"))
+            stages = history_stages(run.history, _history_stage(run.role))
             stages = {_stage_title(k): v for k, v in stages.items() if v}
             if stages:
                 png = figures.history(stages, title=run.label)
                 blocks.append(self.fig(f"{g.key}-{run.path.name}-history", png, alt=f"{run.label}: training curves",
                                        caption=f"{run.label}: training curves per stage "
                                        f"({_rel(run.path / 'history.json', self.root)})."))
-            st = stage_metrics(run.metrics)
+            st = run.stages
             if len(st) >= 2:
                 rows = [[Cell(k.replace("_", " ")), Cell(pct(v["clean_accuracy"]), v["clean_accuracy"]),
                          Cell(pct(v["attack_success_rate"]), v["attack_success_rate"], asr_tone(v["attack_success_rate"])),
@@ -472,7 +464,7 @@ def collect(root: str | os.PathLike, opts: ReportOptions | None = None) -> tuple
                 points.append({**r, "group": g.attack})
         sec = Section(g.title, g.key, subtitle=_rel(g.data.path, root) if g.data else "")
         sec.blocks += b.results(g, rows)
-        parts = [("Example images", "examples", b.examples), ("DBD: poisoned-sample detection", "detection", b.detection),
+        parts = [("Example images", "examples", b.examples), ("Poisoned-sample detection", "detection", b.detection),
                  ("Feature space", "features", b.features), ("Training", "training", b.curves)]
         subs = []
         for title, anchor, fn in parts:
@@ -500,12 +492,11 @@ def collect(root: str | os.PathLike, opts: ReportOptions | None = None) -> tuple
     if points:
         caption = ("Clean accuracy against attack success rate, one point per model. The shaded band is "
                    "ASR ≤ 10%: a defended model should sit there, at the right.")
-        overview.blocks.append(b.fig("accuracy-vs-asr", figures.accuracy_vs_asr(points), alt="clean accuracy vs ASR",
+        overview.blocks.append(b.fig("accuracy-vs-asr", figures.accuracy_vs_asr(points, role_order()), alt="clean accuracy vs ASR",
                                      caption=caption))
     if overview.blocks:
         sections.insert(0, overview)
     now = _dt.datetime.now().astimezone()
-    from unbackdoor import __version__
 
     report = Report(opts.title, f"{len(runs)} runs under {_shown(root)}", sections,
                     meta={"generated": now.strftime("%Y-%m-%d %H:%M %Z"), "version": __version__})
@@ -539,16 +530,13 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
     ``out`` is the HTML file (default ``root/report.html``); the other files go
     next to it. Returns the summary dict, with the paths written under ``files``.
     """
-    from unbackdoor.core.files import write_json, write_text
-    from unbackdoor.report.render import render_html, render_markdown
-
     root = Path(root)
     html_path = Path(out) if out is not None else root / "report.html"
     if html_path.suffix.lower() not in (".html", ".htm"):
         if html_path.is_dir() or not html_path.suffix:
             html_path = html_path / "report.html"
         else:
-            raise UnbackdoorError(f"--out must be an .html file or a folder, got {html_path}")
+            raise UnbackdoorError(f"the report's path must be an .html file or a folder, got {html_path}")
     report, summary = collect(root, opts)
     folder = html_path.parent
     folder.mkdir(parents=True, exist_ok=True)

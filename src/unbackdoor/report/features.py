@@ -6,13 +6,13 @@ import numpy as np
 import torch
 
 from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.metrics import predict
+from unbackdoor.models.model_dir import load_model, penultimate_features
 from unbackdoor.report.runs import ModelRun
 
 
 def load_run_model(run: ModelRun, device: str):
     """The run's model (eval mode), or None when its files cannot be loaded."""
-    from unbackdoor.models.model_dir import load_model
-
     try:
         return load_model(run.path, device=device)
     except UnbackdoorError:
@@ -22,16 +22,12 @@ def load_run_model(run: ModelRun, device: str):
 @torch.no_grad()
 def predict_labels(model, images_u8: torch.Tensor) -> torch.Tensor:
     """Predicted labels for uint8 images (N, C, H, W)."""
-    from unbackdoor.metrics import predict
-
     return predict(model, images_u8, batch_size=256)
 
 
 @torch.no_grad()
 def features_of(model, images_u8: torch.Tensor, batch: int = 256) -> np.ndarray:
     """Penultimate-layer features (N, D) for uint8 images, flattened, float32."""
-    from unbackdoor.models.model_dir import penultimate_features
-
     dev = next(model.parameters()).device
     out = [penultimate_features(model, images_u8[i : i + batch].to(dev).float().div_(255)).flatten(1).float().cpu()
            for i in range(0, len(images_u8), batch)]

@@ -11,8 +11,21 @@ from typing import Sequence
 
 import numpy as np
 
-ROLE_NAMES = {"undefended": "Undefended", "clean": "Clean reference", "dbd": "DBD", "bcu": "BCU", "model": "Model"}
-ROLE_COLORS = {"undefended": "#d1495b", "clean": "#8d99ae", "dbd": "#2e86ab", "bcu": "#3c9d5d", "model": "#edae49"}
+# The undefended model red, the clean reference grey; the defenses take the palette in turn.
+FIXED_COLORS = {"undefended": "#d1495b", "clean": "#8d99ae"}
+PALETTE = ("#2e86ab", "#3c9d5d", "#edae49", "#7b2cbf", "#f18f01", "#00a6a6", "#a4243b", "#5c6b73", "#bc4b51", "#1b998b")
+
+
+def role_colors(roles: list[str]) -> dict[str, str]:
+    """A colour per role, stable for a given order of roles."""
+    out, i = {}, 0
+    for r in roles:
+        if r in FIXED_COLORS:
+            out[r] = FIXED_COLORS[r]
+        elif r not in out:
+            out[r] = PALETTE[i % len(PALETTE)]
+            i += 1
+    return out
 INK = "#1f2933"
 MUTED = "#6b7785"
 GRID = "#e3e8ee"
@@ -51,12 +64,18 @@ def to_png(fig) -> bytes:
 
 
 # ---------------------------------------------------------------------------- overview
-def accuracy_vs_asr(points: Sequence[dict]) -> bytes:
+def accuracy_vs_asr(points: Sequence[dict], roles: Sequence[str] = ()) -> bytes:
     """Clean accuracy (x) against attack success rate (y), one point per model.
 
     ``points``: dicts with ``label``, ``role``, ``group`` (attack), ``clean_accuracy``,
-    ``attack_success_rate``. A good defense sits bottom-right.
+    ``attack_success_rate``; ``roles``: the legend's order. A good defense sits bottom-right.
     """
+    present = list(dict.fromkeys(p["role"] for p in points))
+    order = [r for r in roles if r in present] + [r for r in present if r not in roles]
+    colors = role_colors(order)
+    names = {}
+    for p in points:
+        names.setdefault(p["role"], p["label"])
     fig = _figure(6.4, 4.2)
     ax = fig.add_subplot()
     groups = list(dict.fromkeys(p["group"] for p in points))
@@ -65,7 +84,7 @@ def accuracy_vs_asr(points: Sequence[dict]) -> bytes:
     for p in points:
         gi = groups.index(p["group"])
         ax.scatter(p["clean_accuracy"], p["attack_success_rate"], s=70, marker=markers[gi % len(markers)],
-                   color=ROLE_COLORS.get(p["role"], "#edae49"), edgecolor="white", linewidth=1.2, zorder=3)
+                   color=colors[p["role"]], edgecolor="white", linewidth=1.2, zorder=3)
         if len(groups) == 1:  # several attacks: colour (model) + marker (attack) say it; labels would pile up
             ax.annotate(p["label"], (p["clean_accuracy"], p["attack_success_rate"]), xytext=(6, 4),
                         textcoords="offset points", fontsize=7.5, color=INK)
@@ -78,8 +97,7 @@ def accuracy_vs_asr(points: Sequence[dict]) -> bytes:
     _style(ax)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], marker="o", linestyle="", color=c, label=ROLE_NAMES.get(r, r), markersize=7)
-               for r, c in ROLE_COLORS.items() if any(p["role"] == r for p in points)]
+    handles = [Line2D([], [], marker="o", linestyle="", color=colors[r], label=names[r], markersize=7) for r in order]
     if len(groups) > 1:
         handles += [Line2D([], [], marker=markers[i % len(markers)], linestyle="", color=MUTED, label=g, markersize=7)
                     for i, g in enumerate(groups)]
@@ -145,7 +163,7 @@ def detection(loss: np.ndarray, kept: np.ndarray, poisoned: np.ndarray) -> bytes
         flagged = ~kept
         tp = int((flagged & poisoned).sum())
         if flagged.any():
-            a3.scatter([tp / poisoned.sum()], [tp / flagged.sum()], color=INK, zorder=4, s=30, label="DBD's split")
+            a3.scatter([tp / poisoned.sum()], [tp / flagged.sum()], color=INK, zorder=4, s=30, label="the split")
         a3.legend(fontsize=7.5, frameon=False, loc="lower left")
     else:
         a3.text(0.5, 0.5, "no poisoned samples\nin this training set", ha="center", va="center", color=MUTED,

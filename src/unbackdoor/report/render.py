@@ -13,6 +13,7 @@ import html
 import os
 from pathlib import Path
 
+from unbackdoor.core.files import atomic_path
 from unbackdoor.report.content import Cards, Details, Figure, Note, Report, Table
 
 CSS = """
@@ -197,8 +198,6 @@ def _md_table(t: Table) -> str:
 
 def render_markdown(report: Report, fig_dir: str | os.PathLike, relative_to: str | os.PathLike) -> str:
     """Markdown text; figures are written as PNG files into ``fig_dir`` and linked relative to ``relative_to``."""
-    from unbackdoor.core.files import atomic_path
-
     fig_dir = Path(fig_dir)
     out = [f"# {report.title}", "", report.subtitle, ""]
     for s in report.sections:

@@ -1,22 +1,17 @@
 """Find run directories in a tree and read what they measured.
 
-A report is built from whatever the commands left on disk, so this module is
-deliberately forgiving: a folder counts as
+A folder counts as
 
 - a **data run** when it holds ``train.npz`` (what ``unbackdoor poison`` writes;
   ``attack.json`` names the attack, ``train.npz`` carries the poison mask);
-- a **model run** when it holds ``model.json``, ``metrics.json`` or
-  ``detection.csv`` (``train``, ``dbd``, ``bcu``).
-
-Which method produced a model run is read from its ``config.yaml``
-(``command:``), then from its files (``detection.csv`` means DBD, a
-``before``/``after`` pair in ``metrics.json`` means BCU), then from its folder
-name. Missing or unexpected keys never fail the report; they leave a blank.
+- a **model run** when it holds ``metrics.json`` in the run schema of
+  :mod:`unbackdoor.core.layout` (``train`` and every defense write it): its
+  ``method`` is the run's role, its ``label`` the row's name. A ``metrics.json`` in
+  another format is a :class:`~unbackdoor.core.errors.RunFormatError` naming the folder.
 """
 from __future__ import annotations
 
 import csv
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,20 +20,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from unbackdoor.core import layout
 from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.core.files import read_json
+from unbackdoor.defenses import defense_names
 
-# Display order and labels of the roles a model run can play.
-ROLES = ("undefended", "clean", "dbd", "bcu", "model")
-ROLE_LABELS = {"undefended": "Undefended", "clean": "Clean reference", "dbd": "DBD", "bcu": "BCU", "model": "Model"}
-METRIC_KEYS = ("clean_accuracy", "attack_success_rate", "robust_accuracy")
-_ALIASES = {
-    "clean_accuracy": ("clean_accuracy", "ba", "BA", "acc", "accuracy", "clean_acc"),
-    "attack_success_rate": ("attack_success_rate", "asr", "ASR"),
-    "robust_accuracy": ("robust_accuracy", "ra", "RA"),
-}
-# Where a defense may keep its final numbers inside metrics.json, most specific first.
-_FINAL_KEYS = ("after", "final", "after_stage3", "stage3", "stage_3", "stage-3", "finetune", "defended", "test")
 _SKIP_DIRS = {".git", "__pycache__", "figures", "report_figures", ".venv", "node_modules"}
 
 
@@ -116,70 +102,23 @@ class ModelRun:
     @property
     def final(self) -> dict[str, float | None]:
         """Clean accuracy / ASR / robust accuracy of the model this run produced."""
-        return final_metrics(self.metrics)
+        return layout.headline(self.metrics.get("final"))
 
+    @property
+    def before(self) -> dict[str, float | None] | None:
+        """The same of the model a post-training defense started from (None: not such a run)."""
+        b = self.metrics.get("before")
+        return layout.headline(b) if isinstance(b, dict) else None
 
-# ---------------------------------------------------------------------------- metric extraction
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
+    @property
+    def stages(self) -> dict[str, dict[str, float | None]]:
+        """Per-stage numbers of a defense, in file order."""
+        return {k: layout.headline(v) for k, v in (self.metrics.get("stages") or {}).items() if isinstance(v, dict)}
 
-
-def _pick(d: dict, key: str) -> float | None:
-    for k in _ALIASES.get(key, (key,)):
-        if k in d:
-            v = _num(d[k])
-            if v is not None:
-                return v
-    return None
-
-
-def _has_metrics(d: Any) -> bool:
-    return isinstance(d, dict) and _pick(d, "clean_accuracy") is not None
-
-
-def final_metrics(m: dict) -> dict[str, float | None]:
-    """The final BA / ASR / RA in a metrics.json of any of our commands.
-
-    ``train`` writes them at the top level; a defense may nest them
-    (``after``, ``final``, ``stage3`` ...). The most specific place wins.
-    """
-    if not isinstance(m, dict):
-        return {k: None for k in METRIC_KEYS}
-    src: dict | None = None
-    for k in _FINAL_KEYS:
-        if _has_metrics(m.get(k)):
-            src = m[k]
-            break
-    if src is None and _has_metrics(m):
-        src = m
-    if src is None:  # the last nested block that holds a clean accuracy (e.g. the last stage)
-        nested = [v for v in m.values() if _has_metrics(v)]
-        src = nested[-1] if nested else {}
-    return {k: _pick(src, k) for k in METRIC_KEYS}
-
-
-def before_metrics(m: dict) -> dict[str, float | None] | None:
-    """The 'before' block of a defense's metrics.json (BCU: the teacher), if any."""
-    for k in ("before", "teacher", "undefended"):
-        if isinstance(m, dict) and _has_metrics(m.get(k)):
-            return {key: _pick(m[k], key) for key in METRIC_KEYS}
-    return None
-
-
-def stage_metrics(m: dict) -> dict[str, dict[str, float | None]]:
-    """Per-stage metric blocks of a defense (``{"stage2": {...}, "stage3": {...}}``), in file order."""
-    out = {}
-    if isinstance(m, dict):
-        for k, v in m.items():
-            if _has_metrics(v) and k not in ("before", "teacher", "undefended"):
-                out[k] = {key: _pick(v, key) for key in METRIC_KEYS}
-    return out
+    @property
+    def seconds(self) -> float | None:
+        t = (self.metrics.get("seconds") or {}).get("total") if isinstance(self.metrics.get("seconds"), dict) else None
+        return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
 
 
 # ---------------------------------------------------------------------------- reading files
@@ -225,32 +164,8 @@ def read_detection(path: str | os.PathLike) -> dict[str, list]:
     return cols
 
 
-def _role_of(path: Path, config: dict, metrics: dict, model_meta: dict | None) -> str:
-    cmd = str(config.get("command", "") or "").lower()
-    if not cmd and model_meta:
-        cmd = str((model_meta.get("provenance") or {}).get("command", "") or "").lower()
-    if cmd == "train":
-        clean = config.get("clean", (model_meta or {}).get("provenance", {}).get("clean", False))
-        return "clean" if clean else "undefended"
-    if cmd in ("dbd", "bcu"):
-        return cmd
-    if (path / "detection.csv").is_file():
-        return "dbd"
-    if isinstance(metrics, dict) and before_metrics(metrics) is not None:
-        return "bcu"
-    name = path.name.lower()
-    for role in ("dbd", "bcu", "undefended", "clean"):
-        if role in name:
-            return role
-    if "backdoor" in name or "attacked" in name or "poisoned" in name:
-        return "undefended"
-    return "model"
-
-
 def _is_model_run(p: Path) -> bool:
-    return any((p / f).is_file() for f in ("model.json", "detection.csv")) or (
-        (p / "metrics.json").is_file() and not (p / "train.npz").is_file()
-    )
+    return (p / layout.METRICS).is_file() and not (p / layout.TRAIN).is_file()
 
 
 def discover(root: str | os.PathLike) -> tuple[list[DataRun], list[ModelRun]]:
@@ -279,14 +194,10 @@ def discover(root: str | os.PathLike) -> tuple[list[DataRun], list[ModelRun]]:
             dirnames[:] = []
     runs = []
     for p in model_paths:
-        metrics = _read_json_safe(p / "metrics.json")
-        metrics = metrics if isinstance(metrics, dict) else {}
-        config = _read_yaml_safe(p / "config.yaml")
-        meta = _read_json_safe(p / "model.json")
-        meta = meta if isinstance(meta, dict) else None
-        role = _role_of(p, config, metrics, meta)
-        history = _read_json_safe(p / "history.json")
-        run = ModelRun(p, role, metrics, config, history)
+        metrics = layout.read_run_metrics(p)
+        config = _read_yaml_safe(p / layout.CONFIG)
+        history = _read_json_safe(p / layout.HISTORY)
+        run = ModelRun(p, metrics["method"], metrics, config, history, label=metrics["label"])
         run.data = _find_data(p, config, data_runs, root)
         runs.append(run)
     _label_runs(runs)
@@ -337,16 +248,21 @@ def _find_data(p: Path, config: dict, data_runs: list[DataRun], root: Path, dept
 
 
 def _label_runs(runs: list[ModelRun]) -> None:
-    """Row labels: the role, plus the folder name where a role occurs twice for the same data."""
+    """Row labels: the run's own, plus the folder name where a label occurs twice for the same data."""
     seen: dict[tuple, int] = {}
     for r in runs:
-        key = (r.data.path if r.data else None, r.role)
+        key = (r.data.path if r.data else None, r.label)
         seen[key] = seen.get(key, 0) + 1
     for r in runs:
-        key = (r.data.path if r.data else None, r.role)
-        base = ROLE_LABELS.get(r.role, r.role)
-        r.label = f"{base} ({r.path.name})" if seen[key] > 1 else base
+        if seen[(r.data.path if r.data else None, r.label)] > 1:
+            r.label = f"{r.label} ({r.path.name})"
+
+
+def role_order() -> list[str]:
+    """Display order of the roles: the undefended model, the clean reference, the defenses as registered."""
+    return [layout.UNDEFENDED, layout.CLEAN_REFERENCE, *defense_names()]
 
 
 def sort_runs(runs: list[ModelRun]) -> list[ModelRun]:
-    return sorted(runs, key=lambda r: (ROLES.index(r.role) if r.role in ROLES else len(ROLES), str(r.path)))
+    order = role_order()
+    return sorted(runs, key=lambda r: (order.index(r.role) if r.role in order else len(order), str(r.path)))

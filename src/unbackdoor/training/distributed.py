@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from unbackdoor.core.errors import UnbackdoorError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -129,8 +131,6 @@ def run_on_main(ctx: DistContext, fn):
     picklable). An :class:`~unbackdoor.errors.UnbackdoorError` raised there is raised on
     every rank, so a refused output folder stops all ranks instead of leaving the others
     waiting in a collective."""
-    from unbackdoor.core.errors import UnbackdoorError
-
     if not ctx.enabled:
         return fn()
     msg = None

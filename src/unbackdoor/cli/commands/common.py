@@ -9,6 +9,8 @@ from typing import Any
 import yaml
 
 from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.defenses import defense_names
+from unbackdoor.experiment.spec import default_defenses
 from unbackdoor.training.engine import EngineOptions
 
 
@@ -67,3 +69,14 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], file=None) -> No
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+def add_defenses_arg(p: argparse.ArgumentParser) -> None:
+    names = ", ".join(defense_names())
+    featured = ",".join(default_defenses())
+    p.add_argument("--defenses", help=f"comma-separated defenses ({names}) or 'all' (default {featured})")
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    sections = ", ".join(f"{n}:" for n in ["train", *defense_names()])
+    p.add_argument("--config", help=f"YAML file with optional sections ({sections}) overriding the preset")

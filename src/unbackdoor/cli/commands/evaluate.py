@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 
 from unbackdoor.cli.commands.common import print_json, print_table
+from unbackdoor.experiment.pipeline import evaluate
+from unbackdoor.training.device import pick_device
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -17,9 +19,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unbackdoor.experiment.pipeline import evaluate
-    from unbackdoor.training.device import pick_device
-
     m = evaluate(args.model, args.data, device=pick_device(args.device))
     if args.json:
         print_json(m)

@@ -6,6 +6,7 @@ import argparse
 from unbackdoor.attacks.base import MODES, attack_names
 from unbackdoor.cli.commands.common import parse_params, print_table
 from unbackdoor.data.loaders import dataset_names
+from unbackdoor.experiment.pipeline import poison
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -27,8 +28,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unbackdoor.experiment.pipeline import poison
-
     pd = poison(args.dataset, args.attack, args.out, rate=args.rate, target=args.target, seed=args.seed,
                 mode=args.mode, root=args.root, params=parse_params(args.param), force=args.force)
     m = pd.meta

@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unbackdoor.cli.commands.common import print_table
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.report.build import ReportOptions, build_report, stderr_log
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="build report.html / report.md / summary.json from run directories",
@@ -23,10 +27,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unbackdoor.cli.commands.common import print_table
-    from unbackdoor.core.errors import UnbackdoorError
-    from unbackdoor.report.build import ReportOptions, build_report, stderr_log
-
     if args.points < 0:
         raise UnbackdoorError(f"--points must be >= 0, got {args.points}")
     s = build_report(args.run_dir, args.out, ReportOptions(embed_points=args.points, seed=args.seed, title=args.title,

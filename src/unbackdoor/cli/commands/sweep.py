@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import argparse
 
-from unbackdoor.cli.commands.common import add_engine_args, engine_options, print_table
-from unbackdoor.cli.commands.demo import parse_list
+from unbackdoor.cli.commands.common import (
+    add_config_arg,
+    add_defenses_arg,
+    add_engine_args,
+    engine_options,
+    print_table,
+)
+from unbackdoor.cli.display import StageDisplay, clock
+from unbackdoor.experiment.spec import load_experiment_configs
+from unbackdoor.experiment.sweep import sweep
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -13,7 +21,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        "per attack, OUT/<attack>/...), then write OUT/leaderboard.md, OUT/leaderboard.csv and "
                        "OUT/report.html. Re-running skips finished cells.")
     p.add_argument("--attacks", required=True, help="comma-separated attack names, e.g. badnets,blended,wanet")
-    p.add_argument("--defenses", default="dbd,bcu", help="comma-separated subset of dbd,bcu (default both)")
+    add_defenses_arg(p)
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--root", help="local files for cifar10, cifar100, gtsrb, imagefolder")
     p.add_argument("--out", required=True, help="output folder")
@@ -21,23 +29,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--points", type=int, default=500, help="training images in each t-SNE of the report (0 = none)")
     p.add_argument("--force", action="store_true", help="start every cell over")
-    p.add_argument("--config", help="YAML file with optional train:, dbd:, bcu: sections overriding the preset")
+    add_config_arg(p)
     add_engine_args(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from unbackdoor.experiment.run import _clock, load_experiment_configs, sweep
-
-    res = sweep(args.out, list(parse_list(args.attacks)), parse_list(args.defenses), dataset=args.dataset,
-                preset=args.preset, seed=args.seed, force=args.force, engine=engine_options(args),
-                embed_points=args.points, progress=not args.no_progress,
-                configs=load_experiment_configs(args.config, args.preset), root=args.root)
+    on = not args.no_progress
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    res = sweep(args.out, attacks, args.defenses, dataset=args.dataset, preset=args.preset, seed=args.seed,
+                force=args.force, engine=engine_options(args), embed_points=args.points,
+                configs=load_experiment_configs(args.config, args.preset), root=args.root,
+                display=lambda prefix: StageDisplay(0, prefix=prefix, enabled=on),
+                say=StageDisplay(0, enabled=on).say)
     print()
     table = [{"attack": r["attack"], "model": r["label"], "clean_accuracy": r["clean_accuracy"],
               "asr": r["attack_success_rate"], "robust_accuracy": r["robust_accuracy"], "der": r["der"]} for r in res["rows"]]
     print_table(table, ["attack", "model", "clean_accuracy", "asr", "robust_accuracy", "der"])
-    for name, why in res["skipped"].items():
-        print(f"note: {name} was skipped: {why}")
-    print(f"\nwrote {args.out}/leaderboard.md, leaderboard.csv, report.html · {_clock(res['total_seconds'])} this run")
+    print(f"\nwrote {args.out}/leaderboard.md, leaderboard.csv, report.html · {clock(res['total_seconds'])} this run")
     return 0

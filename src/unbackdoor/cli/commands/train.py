@@ -11,6 +11,8 @@ from unbackdoor.cli.commands.common import (
     print_table,
 )
 from unbackdoor.core.config import load_config, override
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.experiment.pipeline import train
 from unbackdoor.models.registry import model_names
 from unbackdoor.training.fit import TrainConfig
 
@@ -34,15 +36,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unbackdoor.experiment.pipeline import train
-
     cfg = load_config(TrainConfig(), args.config, section="train")
     cli = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}.items() if v is not None}
     cfg = override(cfg, cli)
     cfg = override(cfg, {"engine": vars(engine_options(args))})
     if cfg.epochs < 1:
-        from unbackdoor.core.errors import UnbackdoorError
-
         raise UnbackdoorError(f"--epochs must be >= 1, got {cfg.epochs}")
     m = train(args.data, args.out, args.model, cfg, resume=args.resume, force=args.force, clean=args.clean)
     if args.json:

@@ -68,7 +68,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unbackdoor.attacks.poisoned_data import load_data
+from unbackdoor.core import layout
 from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
+from unbackdoor.core.files import (
+    prepare_out_dir,
+    rollback_on_failure,
+    write_json,
+    write_yaml,
+)
+from unbackdoor.core.layout import run_metrics
 from unbackdoor.data.augment import WeakAugment, random_grating
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.data.unlabeled import load_unlabeled
@@ -78,7 +87,10 @@ from unbackdoor.defenses.bcu.schedule import (
     layer_schedule,
     schedule_mapping,
 )
+from unbackdoor.metrics import der, evaluate
+from unbackdoor.models.model_dir import load_model, save_model, unwrap
 from unbackdoor.training.budget import PlateauBudget
+from unbackdoor.training.distributed import current_context, run_on_main
 from unbackdoor.training.engine import Engine, checkpoint_precision
 from unbackdoor.training.progress import Progress
 
@@ -98,8 +110,6 @@ def reinitialize(model: nn.Module, schedule: Mapping[str, float] | list[LayerP],
     the student's parameters all require gradients (even if the teacher's were frozen).
     Deterministic for a given ``seed`` (CPU generator, any device).
     """
-    from unbackdoor.models.model_dir import unwrap
-
     probs = schedule_mapping(schedule)
     student = copy.deepcopy(unwrap(model)).requires_grad_(True)
     modules = dict(student.named_modules())
@@ -278,8 +288,6 @@ class BCUResult:
 
 
 def _eval(model: nn.Module, test: ImageDataset | None, attack) -> dict:
-    from unbackdoor.metrics import evaluate
-
     if test is None:
         return {}
     return evaluate(model, test, attack)
@@ -308,16 +316,6 @@ def run_bcu(
         test, attack: clean test set and the attack, for BA / ASR / RA before and after and DER.
     Returns a :class:`BCUResult`.
     """
-    from unbackdoor.core.files import (
-        prepare_out_dir,
-        rollback_on_failure,
-        write_json,
-        write_yaml,
-    )
-    from unbackdoor.metrics import der
-    from unbackdoor.models.model_dir import save_model
-    from unbackdoor.training.distributed import current_context, run_on_main
-
     cfg = cfg or BCUConfig()
     cfg.validate()
     if len(unlabeled) == 0:
@@ -342,15 +340,15 @@ def run_bcu(
             schedule = [LayerP(lp.name, lp.kind, lp.group, 0.0, "ablation") for lp in schedule]
         student = reinitialize(teacher, schedule, seed=cfg.seed, linear_init=cfg.linear_init)
         if out is not None and ctx.is_main:
-            write_yaml(out / "config.yaml", {"command": "bcu", "bcu": _plain_config(cfg), "n_unlabeled": len(unlabeled),
+            write_yaml(out / layout.CONFIG, {"command": "bcu", "bcu": _plain_config(cfg), "n_unlabeled": len(unlabeled),
                                              "unlabeled": unlabeled.meta.get("source", unlabeled.name),
                                              **({"provenance": provenance} if provenance else {})})
-            write_json(out / "schedule.json", [asdict(lp) for lp in schedule])
+            write_json(out / layout.SCHEDULE, [asdict(lp) for lp in schedule])
         before = _eval(teacher, test, attack) if ctx.is_main else {}
         evaluate = None
         if test is not None:
             evaluate = lambda m: {k: v for k, v in _eval(m, test, attack).items() if not k.startswith("n_")}  # noqa: E731
-        res = distill(teacher, student, unlabeled, cfg, checkpoint=out / "checkpoint.pt" if out else None,
+        res = distill(teacher, student, unlabeled, cfg, checkpoint=out / layout.CHECKPOINT if out else None,
                       resume=resume, evaluate=evaluate)
         metrics: dict = {"ablation": cfg.ablation, "n_unlabeled": len(unlabeled), "epochs": cfg.epochs,
                          "distill_seconds": round(res.seconds, 2), "precision": res.precision,
@@ -362,12 +360,16 @@ def run_bcu(
             if attack is not None:
                 metrics["der"] = der(before["clean_accuracy"], before["attack_success_rate"],
                                      after["clean_accuracy"], after["attack_success_rate"])
+        label = "BCU" if cfg.ablation == "none" else f"BCU ({cfg.ablation})"
+        metrics = run_metrics("bcu", label, metrics.pop("after", None), before=metrics.pop("before", None),
+                              der=metrics.pop("der", None), seconds={"total": metrics["distill_seconds"]}, **metrics)
+        metrics["after"] = metrics["final"]  # the name this file used before the schema
         if out is not None and ctx.is_main:
             if getattr(res.model, "arch", None) is not None:
                 save_model(res.model, out, classes=getattr(teacher, "classes", None),
                            provenance={"command": "bcu", "ablation": cfg.ablation, **(provenance or {})})
-            write_json(out / "history.json", res.history)
-            write_json(out / "metrics.json", metrics)
+            write_json(out / layout.HISTORY, res.history)
+            write_json(out / layout.METRICS, metrics)
         ctx.barrier()
         return BCUResult(res.model, metrics, res.history, schedule)
 
@@ -389,9 +391,6 @@ def cleanse(
     executing code); ``unlabeled``: see :func:`load_unlabeled`; ``data``: a poisoned-data
     directory whose clean test set and attack give before/after metrics.
     """
-    from unbackdoor.attacks.poisoned_data import load_data
-    from unbackdoor.models.model_dir import load_model
-
     cfg = cfg or BCUConfig()
     teacher = load_model(model)
     arch = getattr(teacher, "arch", None)

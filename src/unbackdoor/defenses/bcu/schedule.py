@@ -11,6 +11,7 @@ from torch import nn
 
 from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.defenses.bcu.config import PAPER_STAGE_P, STAGE_NAMES, BCUConfig
+from unbackdoor.models.model_dir import unwrap
 
 # ResNet-18's main path: 1 stem conv, then 4 convs per stage (what the depth rule spreads).
 _RESNET18_PATH = (1, 4, 4, 4, 4)
@@ -30,8 +31,6 @@ class LayerP:
 
 def parameterised_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv/Linear layers with weights, in registration (= depth) order."""
-    from unbackdoor.models.model_dir import unwrap
-
     return [(n, m) for n, m in unwrap(model).named_modules()
             if isinstance(m, _LAYER_TYPES) and getattr(m, "weight", None) is not None]
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unbackdoor.training.distributed import all_gather_with_grad
+
 
 class NTXentLoss(nn.Module):
     """NT-Xent (SimCLR, Chen et al. 2020) for a batch of positive pairs.
@@ -68,8 +70,6 @@ class NTXentLoss(nn.Module):
         anchors, all ranks having the same n). BatchNorm still sees only the local
         batch unless ``engine.sync_bn`` is set. Tested in tests/test_distributed.py.
         """
-        from unbackdoor.training.distributed import all_gather_with_grad
-
         n = len(z1)
         local = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2n, D): [view 1; view 2]
         everything = all_gather_with_grad(local, dist)  # (W * 2n, D), rank-major

@@ -16,6 +16,8 @@ from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.defenses.dbd.config import _fraction
 from unbackdoor.defenses.dbd.losses import symmetric_cross_entropy
+from unbackdoor.metrics import detection_scores
+from unbackdoor.models.model_dir import penultimate_features
 from unbackdoor.training.distributed import (
     DistContext,
     broadcast_buffers,
@@ -43,8 +45,6 @@ class Split:
     def quality(self, poisoned: torch.Tensor | None, tail: float = 0.1) -> dict:
         """Size, loss gap and - given a known poison mask - detection scores of the
         rejected (low-credible) part and the number of poisoned samples kept."""
-        from unbackdoor.metrics import detection_scores
-
         out = {"n_kept": int(self.kept.sum()), "loss_gap": self.gap(tail)}
         if self.agreeing is not None:
             out["agreement"] = float(self.agreeing.float().mean())
@@ -171,8 +171,6 @@ def knn_agreement(model: nn.Module, data: ImageDataset, queries: ImageDataset | 
     Without ``queries``: leave-one-out agreement with ``data``'s own (given, possibly
     poisoned) labels on up to ``max_queries`` of its samples - what a run can observe.
     With ``queries`` (e.g. a clean test set): k-NN accuracy on them, for reports."""
-    from unbackdoor.models.model_dir import penultimate_features
-
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -78,9 +78,21 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
+from unbackdoor.attacks.poisoned_data import PoisonedData
+from unbackdoor.core import layout
 from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
+from unbackdoor.core.files import (
+    atomic_path,
+    prepare_out_dir,
+    rollback_on_failure,
+    write_json,
+    write_text,
+    write_yaml,
+)
+from unbackdoor.core.layout import run_metrics
 from unbackdoor.data.augment import (
     SimCLRAugment,
     WeakAugment,
@@ -113,8 +125,15 @@ from unbackdoor.defenses.dbd.split import (
     loss_auroc,
     split_by_loss,
 )
-from unbackdoor.models.model_dir import last_linear, penultimate_features, unwrap
+from unbackdoor.metrics import detection_scores, evaluate
+from unbackdoor.models.model_dir import (
+    last_linear,
+    penultimate_features,
+    save_model,
+    unwrap,
+)
 from unbackdoor.training.budget import PlateauBudget
+from unbackdoor.training.device import pick_device, resolve_precision
 from unbackdoor.training.distributed import current_context, run_on_main
 from unbackdoor.training.engine import Engine, EngineOptions, checkpoint_precision
 from unbackdoor.training.progress import Progress
@@ -564,8 +583,6 @@ class DBDResult:
 
 
 def _as_data(data: Any) -> tuple[ImageDataset, ImageDataset | None, Any, dict]:
-    from unbackdoor.attacks.poisoned_data import PoisonedData
-
     if isinstance(data, PoisonedData):
         return data.train, data.test, data.attack, dict(data.meta)
     if isinstance(data, ImageDataset):
@@ -583,15 +600,17 @@ def run_dbd(
     force: bool = False,
     on_epoch: Callable[[str, dict], None] | None = None,
     provenance: dict | None = None,
+    test: ImageDataset | None = None,
+    attack: Any = None,
 ) -> DBDResult:
     """Run DBD's three stages on ``model`` (trained in place) with ``data``.
 
     Args:
         model: a fresh classifier (registry model or any ``nn.Module`` whose last
             ``nn.Linear`` is the classifier) taking float (N, C, H, W) in [0, 1].
-        data: a :class:`~unbackdoor.rundir.PoisonedData` (its test set and attack give
-            BA / ASR / RA after stages 2 and 3) or a bare :class:`ImageDataset` (training
-            set only: detection and the model, no test metrics).
+        data: a :class:`~unbackdoor.attacks.poisoned_data.PoisonedData` (its test set and
+            attack give BA / ASR / RA after stages 2 and 3) or a bare :class:`ImageDataset`
+            (the training set: detection and the model; ``test`` / ``attack`` measure it).
         out_dir: if given, written: the model directory at ``out_dir`` itself
             (``unbackdoor.load_model(out_dir)``), ``checkpoints/{simclr,linear,mixmatch}.pt``,
             ``config.yaml``, ``metrics.json``, ``detection.csv`` (per sample: index, label, final
@@ -600,20 +619,11 @@ def run_dbd(
             A non-empty folder needs ``resume`` (continue from the checkpoints) or ``force``.
         on_epoch: called as ``on_epoch(stage, record)`` after every epoch's checkpoint.
     """
-    from unbackdoor.core.files import (
-        prepare_out_dir,
-        rollback_on_failure,
-        write_json,
-        write_text,
-        write_yaml,
-    )
-    from unbackdoor.metrics import detection_scores, evaluate
-    from unbackdoor.models.model_dir import save_model
-    from unbackdoor.training.device import pick_device, resolve_precision
-
     cfg = cfg or DBDConfig()
     cfg.validate()
-    train, test, attack, meta = _as_data(data)
+    train, data_test, data_attack, meta = _as_data(data)
+    test = test if test is not None else data_test
+    attack = attack if attack is not None else data_attack
     arch = getattr(model, "arch", None)
     if arch is not None and (arch["in_channels"], arch["image_size"], arch["image_size"]) != train.shape:
         raise UnbackdoorError(f"model expects images {(arch['in_channels'], arch['image_size'], arch['image_size'])}, "
@@ -628,7 +638,7 @@ def run_dbd(
     was_missing = out_dir is not None and not Path(out_dir).exists()
     out = Path(run_on_main(ctx, lambda: prepare_out_dir(out_dir, force=force, resume=resume))) if out_dir is not None else None
     with rollback_on_failure(out, was_missing, ctx.is_main and not resume):
-        ck = (lambda name: out / "checkpoints" / f"{name}.pt") if out is not None else (lambda name: None)
+        ck = (lambda name: out / layout.CHECKPOINTS / f"{name}.pt") if out is not None else (lambda name: None)
         # Resolve 'auto' precision once (a measured probe) and use it in every stage.
         opts = cfg.engine
         if opts.precision == "auto":
@@ -638,7 +648,7 @@ def run_dbd(
             opts = replace(opts, precision=ctx.broadcast_object(prec.name))  # ranks agree on rank 0's probe
         cfg = replace(cfg, engine=opts)
         if out is not None and ctx.is_main:
-            write_yaml(out / "config.yaml", {"command": "dbd", "dbd": _plain(cfg), "data": meta.get("source", train.name),
+            write_yaml(out / layout.CONFIG, {"command": "dbd", "dbd": _plain(cfg), "data": meta.get("source", train.name),
                                              "model": (arch or {}).get("name", type(model).__name__),
                                              **({"provenance": provenance} if provenance else {})})
         cb = (lambda stage: (lambda rec: on_epoch(stage, rec))) if on_epoch is not None else (lambda stage: None)
@@ -684,20 +694,19 @@ def run_dbd(
                               "this_run": round(time.perf_counter() - t0, 2)}
         history = {"simclr": s1.history, "linear": s2.history, "mixmatch": s3.history}
         metrics["world_size"] = ctx.world_size
+        metrics = run_metrics("dbd", "DBD", metrics.get("after_stage3"), seconds=metrics.pop("seconds"),
+                              stages={k: metrics[k] for k in ("after_stage2", "after_stage3") if k in metrics},
+                              **metrics)
         if out is not None and ctx.is_main:
             if arch is not None:
                 save_model(model, out, classes=train.classes, provenance={"command": "dbd", **(provenance or {}),
                            "attack": attack.spec() if attack is not None else None})
             else:
-                from safetensors.torch import save_file
-
-                from unbackdoor.core.files import atomic_path
-
                 with atomic_path(out / "model.safetensors") as tmp:
                     save_file({k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}, str(tmp))
-            write_text(out / "detection.csv", detection_table(train, split))
-            write_json(out / "detection.json", detection)
-            write_json(out / "history.json", history)
-            write_json(out / "metrics.json", metrics)
+            write_text(out / layout.DETECTION_CSV, detection_table(train, split))
+            write_json(out / layout.DETECTION_JSON, detection)
+            write_json(out / layout.HISTORY, history)
+            write_json(out / layout.METRICS, metrics)
         ctx.barrier()  # the outputs exist on every rank's return
         return DBDResult(model, split, metrics, history)

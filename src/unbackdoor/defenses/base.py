@@ -1,0 +1,151 @@
+"""The defense interface and registry.
+
+A defense is one module (or small package) that subclasses :class:`Defense` and
+registers an instance with :func:`register_defense`. It declares
+
+- ``name`` (CLI subcommand, experiment folder, ``--defenses`` entry) and ``label``;
+- ``config_type`` and its presets (``preset("paper" | "quick")``);
+- ``needs``: which of :data:`INPUTS` it reads;
+- ``run(inputs, cfg, out_dir, ...)`` returning a :class:`DefenseResult` whose
+  ``metrics`` follow :func:`unbackdoor.core.layout.run_metrics` and were written to
+  ``out_dir/metrics.json`` (with the model directory and whatever else it keeps).
+
+The CLI (``unbackdoor <name>``), the experiment and sweep, the leaderboard and
+the report loop over :func:`defenses`; nothing else names a defense.
+docs/adding_a_defense.md walks through a new one.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from torch import nn
+
+from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.registry import Registry
+from unbackdoor.data.dataset import ImageDataset
+
+# What a defense may need, and how the CLI and the experiment provide it.
+INPUTS = {
+    "train_set": "a labelled training set, possibly poisoned (it trains a model from scratch)",
+    "model": "a suspicious trained model",
+    "unlabeled": "unlabeled images (labels, where present, are ignored)",
+    "clean_labelled": "a small labelled clean pool",
+}
+
+Progress = Callable[[float, str], None]  # (fraction of the defense's work done, a short note)
+
+
+@dataclass
+class DefenseInputs:
+    """What a defense runs on; each field is filled where the defense ``needs`` it."""
+
+    train: ImageDataset | None = None  # labelled training set, possibly poisoned (``poisoned`` mask where known)
+    arch: str | None = None  # architecture a training-time defense builds (a registry model name)
+    model: nn.Module | None = None  # the suspicious model of a post-training defense (not modified)
+    unlabeled: ImageDataset | None = None
+    clean: ImageDataset | None = None  # labelled clean images
+    test: ImageDataset | None = None  # clean labelled test set: measures ``before`` / ``final``
+    attack: Any = None  # the attack (an ``Attack``), to measure ASR and robust accuracy
+    provenance: dict = field(default_factory=dict)  # where the inputs came from (written to config.yaml)
+
+
+@dataclass
+class DefenseResult:
+    model: nn.Module  # the defended classifier, eval mode
+    metrics: dict  # what the run wrote to metrics.json
+    details: Any = None  # the defense's own result object
+
+
+class Defense:
+    """Base class of a defense; subclasses set the class attributes and implement ``run``."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    config_type: ClassVar[type]
+    needs: ClassVar[tuple[str, ...]]
+    summary: ClassVar[str] = ""  # one line for ``unbackdoor --help``
+    description: ClassVar[str] = ""  # the paragraph of ``unbackdoor NAME --help``
+    presets: ClassVar[tuple[str, ...]] = ("paper", "quick")
+    history_stage: ClassVar[str] = "training"  # what a flat history.json of this defense records
+    featured: ClassVar[bool] = False  # run by demo and sweep unless told otherwise
+
+    def preset(self, name: str) -> Any:
+        """The settings of preset ``name`` (an instance of ``config_type``)."""
+        raise NotImplementedError
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Flags of this defense's own (beyond inputs, --preset, --config, --seed, engine)."""
+
+    def configure(self, cfg: Any, args: argparse.Namespace) -> Any:
+        """``cfg`` with the flags of :meth:`add_arguments` applied."""
+        return cfg
+
+    def describe(self, cfg: Any, inputs: DefenseInputs) -> str:
+        """One line saying what a run with ``cfg`` will do (the experiment's display)."""
+        return ""
+
+    def run(self, inputs: DefenseInputs, cfg: Any, out_dir: str | os.PathLike, *, resume: bool = False,
+            force: bool = False, progress: Progress | None = None) -> DefenseResult:
+        raise NotImplementedError
+
+    @property
+    def uses_labels(self) -> bool:
+        return "clean_labelled" in self.needs
+
+    def check(self, inputs: DefenseInputs) -> None:
+        """A clear error when an input this defense needs is missing or empty."""
+        have = {"train_set": inputs.train, "model": inputs.model, "unlabeled": inputs.unlabeled,
+                "clean_labelled": inputs.clean}
+        for need in self.needs:
+            if need not in INPUTS:
+                raise ValueError(f"defense {self.name!r} needs unknown input {need!r}")
+            if have[need] is None:
+                raise UnbackdoorError(f"{self.label} needs {INPUTS[need]}, and none was given")
+        if "train_set" in self.needs and inputs.arch is None and inputs.model is None:
+            raise UnbackdoorError(f"{self.label} trains a model: name its architecture")
+
+
+_DEFENSES: Registry[Defense] = Registry("defense")
+_PLUGINS_LOADED = False
+
+
+def register_defense(defense: Defense, *, replace: bool = False) -> Defense:
+    """Make ``defense`` known to the CLI, experiments, sweeps and reports."""
+    for attr in ("name", "label", "config_type", "needs"):
+        if not hasattr(defense, attr):
+            raise TypeError(f"{type(defense).__name__} lacks the class attribute {attr!r}")
+    return _DEFENSES.add(defense.name, defense, replace=replace)
+
+
+def unregister_defense(name: str) -> None:
+    _DEFENSES.remove(name)
+
+
+def _load_plugins() -> None:
+    """Defenses installed by other packages (entry point group ``unbackdoor.defenses``)."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="unbackdoor.defenses"):
+        ep.load()  # the module registers its defenses on import
+
+
+def defenses() -> list[Defense]:
+    """Every registered defense, in registration order (built-ins first)."""
+    _load_plugins()
+    return list(_DEFENSES)
+
+
+def defense_names() -> list[str]:
+    return [d.name for d in defenses()]
+
+
+def get_defense(name: str) -> Defense:
+    _load_plugins()
+    return _DEFENSES.get(name)
