@@ -1,4 +1,4 @@
-"""Scaling under torchrun (issue 7): measured images/s of ``unbackdoor train`` with
+"""Scaling under torchrun: measured images/s of ``unbackdoor train`` with
 1 and 2 processes on this machine, and the per-step communication volume of every
 distributed stage on paper for W GPUs.
 

@@ -62,7 +62,7 @@ def test_train_two_processes_matches_one(data_dir: Path, tmp_path: Path) -> None
     assert not list((tmp_path / "two").glob(".*.tmp"))
 
 
-# ============================================================================ issue 7: DBD / BCU under torchrun
+# ============================================================================ DBD / BCU under torchrun
 # In-process checks: two gloo ranks spawned with torch.multiprocessing, tiny tensors.
 
 def _spawn(fn, tmp_path: Path, *args) -> None:

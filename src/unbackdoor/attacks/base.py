@@ -84,7 +84,7 @@ class Attack:
         return torch.full_like(labels, self.target)
 
     def asr_mask(self, labels: torch.Tensor) -> torch.Tensor:
-        """Which test images count for ASR / robust accuracy (DESIGN.md): all-to-one
+        """Which test images count for ASR / robust accuracy (docs/design.md): all-to-one
         excludes images whose true label is the target."""
         if self.mode == "all-to-all":
             return torch.ones_like(labels, dtype=torch.bool)

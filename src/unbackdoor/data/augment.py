@@ -3,8 +3,8 @@
 Every function takes a float batch ``x`` (N, C, H, W) in [0, 1] on any device
 and a ``torch.Generator`` on the same device (or None), and draws one set of
 random parameters per sample with tensor ops: there is no Python loop over
-images, so the hot loop costs a few kernel launches per batch (DESIGN.md:
-"augmentation is batched tensor work, not per-sample PIL").
+images, so the hot loop costs a few kernel launches per batch (docs/design.md:
+augmentation is batched tensor work, not per-sample PIL).
 """
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def random_noise(
 ) -> torch.Tensor:
     """Random global brightness offset plus Gaussian pixel noise.
 
-    Not in the SimCLR paper: the prototype (DESIGN.md) found that without it the
+    Not in the SimCLR paper: without it the
     self-supervised features of Blended-poisoned images can cluster (a blend is a
     global brightness/pattern shift); randomising both breaks that shortcut.
     """
@@ -263,7 +263,7 @@ def random_bits(shape: tuple[int, ...], gen: torch.Generator | None = None, devi
 
 @dataclass
 class SimCLRAugment:
-    """One SimCLR view (DESIGN.md stage 1): RandomResizedCrop(0.2-1), optional flip,
+    """One SimCLR view (docs/design.md, DBD stage 1): RandomResizedCrop(0.2-1), optional flip,
     ColorJitter(0.4,0.4,0.4,0.1) p=0.8, grayscale p=0.2, Gaussian blur p=0.5,
     plus the optional noise augmentation."""
 

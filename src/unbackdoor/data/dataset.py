@@ -83,7 +83,7 @@ class ImageDataset:
         """Images as float32 in [0, 1]."""
         return self.images.float().div_(255)
 
-    # ---- .npz exchange format (DESIGN.md: images (N,H,W) or (N,H,W,C) uint8, labels, optional poisoned)
+    # ---- .npz exchange format (docs/design.md: images (N,H,W) or (N,H,W,C) uint8, labels, optional poisoned)
     def save_npz(self, path: str | Path) -> None:
         imgs = self.images.permute(0, 2, 3, 1).numpy()
         if imgs.shape[-1] == 1:

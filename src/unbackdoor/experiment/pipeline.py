@@ -102,7 +102,7 @@ def train(data: str | os.PathLike | PoisonedData, out: str | os.PathLike, model:
                                              "data": "api" if isinstance(data, PoisonedData) else str(data)})
         evaluate = (lambda m: {k: v for k, v in evaluate_model(m, pd.test, pd.attack).items() if not k.startswith("n_")})
         res = fit(net, train_set, cfg, checkpoint=out / "checkpoint.pt", resume=resume, evaluate=evaluate)
-    if not ctx.is_main:  # only rank 0 writes (issue 7); the others return its model unsaved
+    if not ctx.is_main:  # only rank 0 writes; the others return its model unsaved
         return {}
     measured = evaluate_model(res.model, pd.test, pd.attack)
     method, label = (layout.CLEAN_REFERENCE, "Clean reference") if clean else (layout.UNDEFENDED, "Undefended")

@@ -2,7 +2,8 @@
 flattened features. Fast on CPU; the default for 28x28 digits.
 
 Flattened (not global-average-pooled) features keep spatial position; the
-prototype (DESIGN.md) found global pooling made DBD fail on Blended.
+global pooling keeps exactly the global brightness a blend changes, which
+made DBD fail on Blended.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Device, precision and memory-format choice.
 
-CPUs differ: on an AVX2-only CPU bf16 autocast ran 15x slower than fp32 while
-channels_last fp32 was 1.25-1.8x faster; on a CPU with bf16 instructions bf16
-was ~3x faster (DESIGN.md). So on CPU ``auto`` *measures* a few training steps
+CPUs differ: bf16 autocast is much slower than fp32 on a CPU without bf16
+instructions and much faster on one with them, and channels_last helps or not
+by CPU (docs/results_dbd.md has the measurements). So on CPU ``auto`` *measures* a few training steps
 of each candidate on the real model and batch shape and keeps the fastest;
 the result is cached per (CPU, torch, model, shape) in
 ``~/.cache/unbackdoor/probe.json`` (``UNBACKDOOR_CACHE`` overrides the folder).

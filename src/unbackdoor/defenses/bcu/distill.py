@@ -34,9 +34,8 @@ sequentially defined models); the last Linear is the classifier.
   A network with L feature layers splits the same total dose by relative
   depth: layer i, covering depth [i/L, (i+1)/L], gets p = 1 - exp(-dose in
   that interval). A shallow net thus gets what a whole ResNet stage gets
-  per layer: cnn-small's conv1/conv2/conv3 get 0.068/0.275/0.757 instead
-  of single-layer values 0.01/0.14/0.27 that leave the backdoor in place
-  (DESIGN.md: the prototype needed about x3 of those).
+  per layer, instead of single-layer values that leave the backdoor in place
+  (docs/results_bcu.md).
 
 ``p_scale`` multiplies every rule-derived probability (clamped to 1);
 ``p_overrides`` (module-name glob -> p, last match wins) sets layers
