@@ -43,19 +43,9 @@ from _timing import seconds_per_step, sync
 from unbackdoor.data.augment import SimCLRAugment, WeakAugment
 from unbackdoor.data.loaders import load_splits
 from unbackdoor.defenses.dbd.config import MixMatchConfig, SimCLRConfig
-from unbackdoor.defenses.dbd.stages import (
-    ProjectionHead,
-    _SimCLRNet,
-    mixmatch_stage,
-    simclr_stage,
-)
+from unbackdoor.defenses.dbd.stages import ProjectionHead, _SimCLRNet, mixmatch_stage, simclr_stage
 from unbackdoor.models.registry import create
-from unbackdoor.training.device import (
-    Precision,
-    pick_device,
-    resolve_precision,
-    tune_cpu_allocator,
-)
+from unbackdoor.training.device import Precision, pick_device, resolve_precision, tune_cpu_allocator
 from unbackdoor.training.engine import EngineOptions
 
 

@@ -35,17 +35,9 @@ def one(n: int, precision: str, device: str) -> dict:
     from unbackdoor.defenses.bcu.distill import distill, reinitialize
     from unbackdoor.defenses.bcu.schedule import layer_schedule
     from unbackdoor.defenses.dbd.config import dbd_preset
-    from unbackdoor.defenses.dbd.stages import (
-        linear_stage,
-        mixmatch_stage,
-        simclr_stage,
-    )
+    from unbackdoor.defenses.dbd.stages import linear_stage, mixmatch_stage, simclr_stage
     from unbackdoor.models.registry import create
-    from unbackdoor.training.device import (
-        pick_device,
-        resolve_precision,
-        tune_cpu_allocator,
-    )
+    from unbackdoor.training.device import pick_device, resolve_precision, tune_cpu_allocator
     from unbackdoor.training.engine import EngineOptions
 
     tune_cpu_allocator()

@@ -1,4 +1,4 @@
-"""BCU (defenses/bcu.py) and the safe BackdoorBench import (models/backdoorbench.py).
+"""BCU (defenses/bcu.py); the BackdoorBench import is in test_backdoorbench.py.
 
 Real components on small real data: the layer schedule on our ResNets, the
 re-initialisation statistics, the distillation loss against hand-computed
@@ -10,15 +10,12 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import sys
 import types
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unbackdoor.core.errors import UnbackdoorError
@@ -284,112 +281,3 @@ def test_code_running_pickles_are_refused(tmp_path):
     with pytest.raises(UnbackdoorError):
         load_model(tmp_path / "raw.pt")
     assert not marker.exists()
-
-
-def _backdoorbench_preact_forward(sd: dict, x: torch.Tensor, mean, std) -> torch.Tensor:
-    """BackdoorBench's PreActResNet18.forward (models/preact_resnet.py) written against its
-    own state_dict keys, plus its Normalize transform: the reference for the import."""
-
-    def bn(prefix, v):
-        return F.batch_norm(v, sd[f"{prefix}.running_mean"], sd[f"{prefix}.running_var"], sd[f"{prefix}.weight"],
-                            sd[f"{prefix}.bias"], training=False)
-
-    out = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    out = F.conv2d(out, sd["conv1.weight"], padding=1)
-    for layer in range(1, 5):
-        for blk in range(2):
-            p = f"layer{layer}.{blk}"
-            stride = 2 if (layer > 1 and blk == 0) else 1
-            o = F.relu(bn(f"{p}.bn1", out))
-            sc = F.conv2d(o, sd[f"{p}.shortcut.0.weight"], stride=stride) if f"{p}.shortcut.0.weight" in sd else out
-            o = F.conv2d(o, sd[f"{p}.conv1.weight"], stride=stride, padding=1)
-            o = F.conv2d(F.relu(bn(f"{p}.bn2", o)), sd[f"{p}.conv2.weight"], padding=1)
-            out = o + sc
-    out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-    return F.linear(out, sd["linear.weight"], sd["linear.bias"])
-
-
-def test_backdoorbench_attack_result_is_imported_without_running_it(tmp_path):
-    from unbackdoor.models.backdoorbench import (
-        NORMALIZATION,
-        Placeholder,
-        read_attack_result,
-    )
-
-    torch.manual_seed(0)
-    ours = create("preact-resnet18", num_classes=10, final_bn=False, width=16)
-    with torch.no_grad():
-        for m in ours.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    # BackdoorBench's key names: no 'backbone.' prefix, 'linear' for the classifier, no normalisation buffers
-    bb_sd = {}
-    for k, v in ours.state_dict().items():
-        if k.startswith("normalize."):
-            continue
-        bb_sd[k.replace("backbone.", "").replace("fc.", "linear.")] = v.clone()
-    # a dataset state of a class only BackdoorBench has (module faked for pickling only)
-    mod = types.ModuleType("utils.bd_dataset_v2")
-
-    class prepro_cls_DatasetBD_v2:  # noqa: N801 - BackdoorBench's name
-        def __init__(self):
-            self.poison_indicator = np.array([0, 1, 0, 1], dtype=np.int64)
-            self.save_folder_path = None
-
-    prepro_cls_DatasetBD_v2.__module__ = "utils.bd_dataset_v2"
-    prepro_cls_DatasetBD_v2.__qualname__ = "prepro_cls_DatasetBD_v2"
-    mod.prepro_cls_DatasetBD_v2 = prepro_cls_DatasetBD_v2
-    pkg = types.ModuleType("utils")
-    pkg.bd_dataset_v2 = mod
-    saved = {k: sys.modules.get(k) for k in ("utils", "utils.bd_dataset_v2")}
-    sys.modules.update({"utils": pkg, "utils.bd_dataset_v2": mod})
-    try:
-        torch.save({"model_name": "preactresnet18", "num_classes": 10, "model": bb_sd, "data_path": "./data/cifar10",
-                    "img_size": (32, 32, 3), "clean_data": "cifar10", "bd_train": prepro_cls_DatasetBD_v2(),
-                    "bd_test": {"poison_indicator": np.ones(3)}}, tmp_path / "attack_result.pt")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    with pytest.raises(pickle.UnpicklingError):  # what a weights-only load says about it
-        torch.load(tmp_path / "attack_result.pt", weights_only=True)
-
-    obj, report = read_attack_result(tmp_path / "attack_result.pt")
-    assert report.loader == "restricted"
-    assert report.skipped == {"utils.bd_dataset_v2.prepro_cls_DatasetBD_v2": 1}
-    assert isinstance(obj["bd_train"], Placeholder)
-    assert np.array_equal(obj["bd_train"]._state["poison_indicator"], [0, 1, 0, 1])  # plain data is kept
-
-    with pytest.warns(UserWarning, match="prepro_cls_DatasetBD_v2"):
-        model = load_model(tmp_path / "attack_result.pt")
-    assert model.arch["name"] == "preact-resnet18" and model.import_report["skipped"]
-    got = model.state_dict()
-    for k, v in bb_sd.items():
-        assert torch.equal(got["backbone." + k if not k.startswith("linear.") else k.replace("linear.", "fc.")], v)
-    x = torch.rand(4, 3, 32, 32)
-    mean, std = NORMALIZATION["cifar10"]
-    assert torch.allclose(model(x), _backdoorbench_preact_forward(bb_sd, x, mean, std), atol=1e-4)
-    # the imported model goes through save_model / load_model like ours
-    save_model(model, tmp_path / "imported")
-    assert torch.allclose(load_model(tmp_path / "imported")(x), model(x), atol=1e-5)
-
-
-def test_backdoorbench_torchvision_resnet18_plain_file(tmp_path):
-    """A file with nothing but tensors and plain values loads through torch's weights-only path."""
-    torch.manual_seed(1)
-    ours = create("resnet18", num_classes=43, stem="imagenet", width=8)
-    tv_sd = {k.replace("backbone.", "").replace(".shortcut.", ".downsample."): v.clone()
-             for k, v in ours.state_dict().items() if not k.startswith("normalize.")}
-    assert "layer2.0.downsample.1.running_var" in tv_sd and "conv1.weight" in tv_sd
-    torch.save({"model_name": "resnet18", "num_classes": 43, "model": tv_sd, "img_size": [32, 32, 3],
-                "clean_data": "gtsrb", "bd_train": None, "bd_test": None}, tmp_path / "attack_result.pt")
-    model = load_model(tmp_path / "attack_result.pt")
-    assert model.import_report["loader"] == "weights_only" and not model.import_report["skipped"]
-    ours.eval()
-    ours.normalize.mean.zero_()  # BackdoorBench normalises GTSRB with mean 0, std 1
-    ours.normalize.std.fill_(1.0)
-    x = torch.rand(2, 3, 32, 32)
-    assert torch.allclose(model(x), ours(x), atol=1e-5)

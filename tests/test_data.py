@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.cli.main import main as cli
+from unbackdoor.core.errors import NeedsLocalFiles, UnbackdoorError
 from unbackdoor.data import augment as A
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.data.loaders import (
@@ -180,9 +181,11 @@ def test_cifar_pickle_with_malicious_global_is_refused_and_not_executed(tmp_path
     assert control.exists()
 
 
-def test_cifar_errors_are_clear(tmp_path):
-    with pytest.raises(UnbackdoorError, match="--root"):
+def test_cifar_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(NeedsLocalFiles, match="local files"):
         load_splits("cifar10")
+    assert cli(["poison", "--dataset", "cifar10", "--attack", "badnets", "--out", str(tmp_path / "p")]) == 2
+    assert "pass --root PATH" in capsys.readouterr().err  # the CLI adds the flag that fixes it
     with pytest.raises(UnbackdoorError, match="not found"):
         load_splits("cifar10", root=tmp_path / "missing")
     with pytest.raises(UnbackdoorError, match="data_batch_1"):

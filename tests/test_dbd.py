@@ -14,13 +14,7 @@ from unbackdoor.attacks.base import make_attack
 from unbackdoor.core.config import override
 from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.data.loaders import load_mnist5k
-from unbackdoor.defenses.dbd.config import (
-    DBDConfig,
-    LinearConfig,
-    MixMatchConfig,
-    SimCLRConfig,
-    dbd_preset,
-)
+from unbackdoor.defenses.dbd.config import DBDConfig, LinearConfig, MixMatchConfig, SimCLRConfig, dbd_preset
 from unbackdoor.defenses.dbd.losses import (
     NTXentLoss,
     SCELoss,
@@ -33,12 +27,7 @@ from unbackdoor.defenses.dbd.losses import (
     weight_given_label,
 )
 from unbackdoor.defenses.dbd.split import split_by_loss
-from unbackdoor.defenses.dbd.stages import (
-    linear_stage,
-    mixmatch_stage,
-    run_dbd,
-    simclr_stage,
-)
+from unbackdoor.defenses.dbd.stages import linear_stage, mixmatch_stage, run_dbd, simclr_stage
 from unbackdoor.models.model_dir import load_model
 from unbackdoor.models.registry import create
 from unbackdoor.training.budget import PlateauBudget

@@ -42,8 +42,7 @@ class ToyFineTune(Defense):
     needs = ("model", "clean_labelled")
     summary = "fine-tune the suspicious model on the labelled clean pool"
 
-    def preset(self, name):
-        return ToyConfig()
+    preset_of = staticmethod(lambda name: ToyConfig())
 
     def run(self, inputs: DefenseInputs, cfg, out_dir, *, resume=False, force=False, progress=None):
         self.check(inputs)

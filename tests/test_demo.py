@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.cli.display import StageDisplay
+from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.experiment.run import run_experiment
 from unbackdoor.experiment.spec import ExperimentSpec, load_experiment_configs
 from unbackdoor.training.engine import EngineOptions
-from unbackdoor.training.fit import TrainConfig
 
 FP32 = EngineOptions(device="cpu", precision="fp32", progress=False)
 TINY_YAML = {

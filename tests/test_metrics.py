@@ -8,15 +8,7 @@ from torch import nn
 
 from unbackdoor.attacks.base import make_attack
 from unbackdoor.data.dataset import ImageDataset
-from unbackdoor.metrics import (
-    accuracy,
-    attack_success_rate,
-    der,
-    detection_scores,
-    evaluate,
-    predict,
-    robust_accuracy,
-)
+from unbackdoor.metrics import accuracy, attack_success_rate, der, detection_scores, evaluate, predict, robust_accuracy
 
 
 def t(*values):

@@ -18,15 +18,14 @@ import torch
 
 from unbackdoor.attacks.base import make_attack
 from unbackdoor.attacks.poisoned_data import load_data, save_poisoned
-from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.errors import RunFormatError, UnbackdoorError
 from unbackdoor.core.files import write_json, write_yaml
+from unbackdoor.core.layout import headline, run_metrics
 from unbackdoor.data.loaders import load_splits
 from unbackdoor.experiment.pipeline import train
 from unbackdoor.models.model_dir import load_model
 from unbackdoor.models.registry import create
 from unbackdoor.report.build import ReportOptions, build_report, history_stages
-from unbackdoor.core.errors import RunFormatError
-from unbackdoor.core.layout import headline, run_metrics
 from unbackdoor.report.runs import discover, read_detection
 from unbackdoor.training.engine import EngineOptions
 from unbackdoor.training.fit import TrainConfig
@@ -65,12 +64,7 @@ def tree(tmp_path_factory) -> Path:
     pd = load_data(root / "data")
     train(pd, root / "undefended", tiny_cnn(), TrainConfig(epochs=2, lr=0.05, engine=FP32))
     try:
-        from unbackdoor.defenses.dbd.config import (
-            DBDConfig,
-            LinearConfig,
-            MixMatchConfig,
-            SimCLRConfig,
-        )
+        from unbackdoor.defenses.dbd.config import DBDConfig, LinearConfig, MixMatchConfig, SimCLRConfig
         from unbackdoor.defenses.dbd.stages import run_dbd
 
         cfg = DBDConfig(simclr=SimCLRConfig(epochs=1, batch_size=128), linear=LinearConfig(epochs=1),

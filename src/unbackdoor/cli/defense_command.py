@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unbackdoor.attacks.poisoned_data import load_data
-from unbackdoor.cli.commands.common import (
-    add_engine_args,
-    add_out_args,
-    engine_options,
-    print_json,
-    print_table,
-)
+from unbackdoor.cli.commands.common import add_engine_args, add_out_args, engine_options, print_json, print_table
 from unbackdoor.core.config import load_config, override
 from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
 from unbackdoor.core.layout import METRIC_KEYS

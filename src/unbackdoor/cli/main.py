@@ -10,9 +10,9 @@ import argparse
 import importlib
 import sys
 
-from unbackdoor.core.version import __version__
 from unbackdoor.cli.defense_command import add_defense_parser
 from unbackdoor.core.errors import NeedsLocalFiles, OutputExists, UnbackdoorError
+from unbackdoor.core.version import __version__
 from unbackdoor.defenses import defenses
 from unbackdoor.training.device import pick_device, tune_cpu_allocator
 from unbackdoor.training.distributed import init_distributed

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from unbackdoor.core.errors import NeedsLocalFiles, UnbackdoorError, unknown_name
+from unbackdoor.core.safe_pickle import load_pickle
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.data.idx import (
     FASHION_MNIST_CLASSES,
@@ -55,7 +55,7 @@ def load_mnist5k() -> ImageDataset:
     path = Path(mdata.__file__).parent / "data" / "mnist_5k.csv.gz"
     with gzip.open(path, "rt") as f:
         arr = np.loadtxt(f, delimiter=",", dtype=np.float64)
-    # Label is the last column (DESIGN.md); pixels are 0..255.
+    # Label is the last column; pixels are 0..255.
     images = arr[:, :-1].reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
     labels = arr[:, -1].astype(np.int64)
     return ImageDataset.from_arrays(images, labels, [str(i) for i in range(10)], name="mnist5k", source=str(path))
@@ -80,36 +80,10 @@ def load_digits(size: int = 8, pad_to: int | None = None) -> ImageDataset:
 
 
 # ---------------------------------------------------------------------------- CIFAR pickles
-class _SafeUnpickler(pickle.Unpickler):
-    """CIFAR batches are pickles; a file from the user must never run code.
-
-    Only the handful of globals numpy needs to rebuild arrays are allowed.
-    """
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("_codecs", "encode"),
-    }
-
-    def find_class(self, module: str, name: str):  # noqa: D401
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-
-
 def _read_pickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return _SafeUnpickler(f, encoding="bytes").load()
-    except FileNotFoundError:
-        raise UnbackdoorError(f"file not found: {path}") from None
-    except Exception as e:  # noqa: BLE001 - any failure here is a bad file
-        raise UnbackdoorError(f"corrupted or unsafe pickle {path}: {e}") from None
+    # CIFAR batches are pickles; a file from the user must never run code, so only
+    # plain data (numpy arrays, containers) is allowed, with no stand-ins.
+    return load_pickle(path, encoding="bytes")[0]
 
 
 def _key(d: dict, name: str):
@@ -263,7 +237,7 @@ def _register(name: str, info: DatasetInfo):
 
 @_register("mnist5k", DatasetInfo(flip=False, default_model="cnn-small", needs_root=False))
 def _mnist5k_splits(root=None, seed: int = 0, **kw) -> Splits:
-    # DESIGN/issue: 3,500 train / 1,000 test / 500 held-out, stratified.
+    # 3,500 train / 1,000 test / 500 held-out, stratified.
     return stratified_split(load_mnist5k(), (3500, 1000, 500), seed=seed)
 
 

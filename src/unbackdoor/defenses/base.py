@@ -72,9 +72,11 @@ class Defense:
     history_stage: ClassVar[str] = "training"  # what a flat history.json of this defense records
     featured: ClassVar[bool] = False  # run by demo and sweep unless told otherwise
 
+    preset_of: ClassVar[Callable[[str], Any]]  # preset name -> settings (set with staticmethod(...))
+
     def preset(self, name: str) -> Any:
         """The settings of preset ``name`` (an instance of ``config_type``)."""
-        raise NotImplementedError
+        return type(self).preset_of(name)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Flags of this defense's own (beyond inputs, --preset, --config, --seed, engine)."""

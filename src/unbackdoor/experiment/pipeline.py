@@ -14,18 +14,8 @@ from unbackdoor.attacks.base import check_rate, make_attack
 from unbackdoor.attacks.poisoned_data import PoisonedData, load_data, save_poisoned
 from unbackdoor.core import layout
 from unbackdoor.core.config import to_dict
-from unbackdoor.core.errors import (
-    EmptyDataset,
-    OutputExists,
-    UnbackdoorError,
-)
-from unbackdoor.core.files import (
-    prepare_out_dir,
-    rollback_on_failure,
-    staged_dir,
-    write_json,
-    write_yaml,
-)
+from unbackdoor.core.errors import EmptyDataset, OutputExists, UnbackdoorError
+from unbackdoor.core.files import prepare_out_dir, rollback_on_failure, staged_dir, write_json, write_yaml
 from unbackdoor.data.loaders import dataset_info, load_splits
 from unbackdoor.metrics import evaluate as evaluate_model
 from unbackdoor.models.model_dir import load_model, save_model

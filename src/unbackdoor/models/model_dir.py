@@ -15,7 +15,7 @@ from torch import nn
 
 from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.core.files import atomic_path, read_json, write_json
-from unbackdoor.models.backdoorbench import load_backdoorbench
+from unbackdoor.models.backdoorbench import load_backdoorbench, parse_normalization
 from unbackdoor.models.registry import create, model_names
 
 FORMAT_VERSION = 1
@@ -69,18 +69,25 @@ def read_model_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               normalization: str | None = None) -> nn.Module:
     """Load a model directory; returns an eval-mode ``nn.Module`` taking [0,1] float NCHW images.
 
-    Also accepts a BackdoorBench ``attack_result.pt`` file (weights taken out
-    without executing the pickle; see :mod:`unbackdoor.models.backdoorbench`).
+    Also accepts a BackdoorBench ``attack_result.pt`` / ``defense_result.pt``
+    file (weights taken out without executing the pickle; see
+    :mod:`unbackdoor.models.backdoorbench`). ``normalization`` (a dataset name
+    or ``"m1,m2,m3/s1,s2,s3"``) is the input normalisation of such a file's
+    model, needed when the file does not name its dataset. A model directory
+    stores its own normalisation: a ``normalization`` that agrees with it is
+    accepted, one that contradicts it is an error (a silent override would
+    change what the saved model computes).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     p = Path(path)
     if p.is_file() and p.suffix == ".pt":
-        return load_backdoorbench(p).to(device).eval()
+        return load_backdoorbench(p, normalization=normalization).to(device).eval()
     meta = read_model_meta(p)
     arch = dict(meta["architecture"])
     name = arch.pop("name")
@@ -101,7 +108,26 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         first = str(e).splitlines()[0]
         raise UnbackdoorError(f"{wfile} does not match architecture {name!r} in model.json: {first}") from None
     model.classes = meta.get("classes")
+    if normalization is not None:
+        _check_normalization(model, normalization, p)
     return model.to(device).eval()
+
+
+def _check_normalization(model: nn.Module, spec: str, path: Path) -> None:
+    """Refuse a normalisation that contradicts the one a model directory stores."""
+    norm = getattr(model, "normalize", None)
+    if norm is None:
+        raise UnbackdoorError(f"{path}: this model has no input normalisation of its own, so none can be checked "
+                              f"against {spec!r}; load it without a normalisation")
+    stored_mean, stored_std = norm.mean.flatten().tolist(), norm.std.flatten().tolist()
+    mean, std = parse_normalization(spec, len(stored_mean))
+    close = torch.allclose(torch.tensor(mean), torch.tensor(stored_mean), rtol=1e-4, atol=1e-6) and torch.allclose(
+        torch.tensor(std), torch.tensor(stored_std), rtol=1e-4, atol=1e-6)
+    if not close:
+        raise UnbackdoorError(
+            f"{path} stores its own input normalisation (mean {[round(v, 4) for v in stored_mean]}, std "
+            f"{[round(v, 4) for v in stored_std]}), which differs from the one given ({spec!r}); a model directory "
+            "needs no normalisation, leave it out")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

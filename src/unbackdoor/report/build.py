@@ -14,29 +14,17 @@ import numpy as np
 import torch
 import yaml
 
-from unbackdoor.core.version import __version__
 from unbackdoor.attacks.base import load_attack
 from unbackdoor.core import layout
 from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.core.files import write_json, write_text
+from unbackdoor.core.version import __version__
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.defenses import defense_names, get_defense
 from unbackdoor.metrics import der as der_score
 from unbackdoor.metrics import detection_scores
 from unbackdoor.report import figures
-from unbackdoor.report.content import (
-    Cards,
-    Cell,
-    Details,
-    Figure,
-    Note,
-    Report,
-    Section,
-    Table,
-    asr_tone,
-    num,
-    pct,
-)
+from unbackdoor.report.content import Cards, Cell, Details, Figure, Note, Report, Section, Table, asr_tone, num, pct
 from unbackdoor.report.features import (
     embed_2d,
     features_of,
@@ -46,14 +34,7 @@ from unbackdoor.report.features import (
     subsample,
 )
 from unbackdoor.report.render import render_html, render_markdown
-from unbackdoor.report.runs import (
-    DataRun,
-    ModelRun,
-    discover,
-    read_detection,
-    role_order,
-    sort_runs,
-)
+from unbackdoor.report.runs import DataRun, ModelRun, discover, read_detection, role_order, sort_runs
 
 TABLE_COLUMNS = ["Model", "Clean accuracy", "ASR", "Robust accuracy", "DER", "Time", "Run"]
 MAX_EMBED_PANELS = 4

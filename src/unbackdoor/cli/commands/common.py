@@ -80,3 +80,20 @@ def add_defenses_arg(p: argparse.ArgumentParser) -> None:
 def add_config_arg(p: argparse.ArgumentParser) -> None:
     sections = ", ".join(f"{n}:" for n in ["train", *defense_names()])
     p.add_argument("--config", help=f"YAML file with optional sections ({sections}) overriding the preset")
+
+
+def add_experiment_args(p: argparse.ArgumentParser, out_default: str | None, points: int) -> None:
+    """The flags ``demo`` and ``sweep`` share (besides which attacks)."""
+    p.add_argument("--dataset", default="mnist5k", help="dataset (default mnist5k: embedded, no download)")
+    p.add_argument("--root", help="local files for cifar10, cifar100, gtsrb, imagefolder, idx, fashion-mnist")
+    if out_default is None:
+        p.add_argument("--out", required=True, help="output folder")
+    else:
+        p.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
+    p.add_argument("--preset", default="quick", choices=["quick", "paper"],
+                   help="the defenses' settings: quick (a few minutes on a CPU) or paper (the papers' settings)")
+    p.add_argument("--seed", type=int, default=0)
+    add_defenses_arg(p)
+    p.add_argument("--points", type=int, default=points, help="training images in each t-SNE of the report (0 = none)")
+    add_config_arg(p)
+    add_engine_args(p)

@@ -4,13 +4,7 @@ from __future__ import annotations
 import argparse
 
 from unbackdoor.attacks.base import attack_names
-from unbackdoor.cli.commands.common import (
-    add_config_arg,
-    add_defenses_arg,
-    add_engine_args,
-    engine_options,
-    print_table,
-)
+from unbackdoor.cli.commands.common import add_experiment_args, engine_options, print_table
 from unbackdoor.cli.display import StageDisplay, clock
 from unbackdoor.defenses import get_defense
 from unbackdoor.experiment.run import demo
@@ -25,17 +19,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        "the held-out images), evaluate every model and write OUT/report.html. Re-running on the same "
                        "OUT skips finished stages and resumes an interrupted one.")
     p.add_argument("--attack", default="badnets", help=f"{', '.join(attack_names())} (default badnets)")
-    p.add_argument("--dataset", default="mnist5k", help="dataset (default mnist5k: embedded, no download)")
-    p.add_argument("--root", help="local files for cifar10, cifar100, gtsrb, imagefolder")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--preset", default="quick", choices=["quick", "paper"],
-                   help="the defenses' settings: quick (a few minutes on a CPU) or paper (the papers' settings)")
-    p.add_argument("--seed", type=int, default=0)
-    add_defenses_arg(p)
-    p.add_argument("--points", type=int, default=1000, help="training images in the report's t-SNE (0 = none)")
+    add_experiment_args(p, "runs/demo", points=1000)
     p.add_argument("--force", action="store_true", help="start over: delete the experiment's folders in OUT first")
-    add_config_arg(p)
-    add_engine_args(p)
     return p
 
 

@@ -3,13 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from unbackdoor.cli.commands.common import (
-    add_config_arg,
-    add_defenses_arg,
-    add_engine_args,
-    engine_options,
-    print_table,
-)
+from unbackdoor.cli.commands.common import add_experiment_args, engine_options, print_table
 from unbackdoor.cli.display import StageDisplay, clock
 from unbackdoor.experiment.spec import load_experiment_configs
 from unbackdoor.experiment.sweep import sweep
@@ -21,16 +15,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        "per attack, OUT/<attack>/...), then write OUT/leaderboard.md, OUT/leaderboard.csv and "
                        "OUT/report.html. Re-running skips finished cells.")
     p.add_argument("--attacks", required=True, help="comma-separated attack names, e.g. badnets,blended,wanet")
-    add_defenses_arg(p)
-    p.add_argument("--dataset", default="mnist5k")
-    p.add_argument("--root", help="local files for cifar10, cifar100, gtsrb, imagefolder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--preset", default="quick", choices=["quick", "paper"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--points", type=int, default=500, help="training images in each t-SNE of the report (0 = none)")
+    add_experiment_args(p, None, points=500)
     p.add_argument("--force", action="store_true", help="start every cell over")
-    add_config_arg(p)
-    add_engine_args(p)
     return p
 
 

@@ -6,13 +6,7 @@
 """
 from unbackdoor.defenses.bcu.config import BCUConfig, bcu_preset
 from unbackdoor.defenses.bcu.defense import BCU
-from unbackdoor.defenses.bcu.distill import (
-           BCUResult,
-           cleanse,
-           distill,
-           reinitialize,
-           run_bcu,
-)
+from unbackdoor.defenses.bcu.distill import BCUResult, cleanse, distill, reinitialize, run_bcu
 from unbackdoor.defenses.bcu.schedule import layer_schedule
 
 __all__ = ["BCU", "BCUConfig", "BCUResult", "bcu_preset", "cleanse", "distill", "layer_schedule", "reinitialize",

@@ -7,33 +7,20 @@ from dataclasses import replace
 
 from unbackdoor.core.config import override
 from unbackdoor.core.files import read_yaml
-from unbackdoor.defenses.base import (
-    Defense,
-    DefenseInputs,
-    DefenseResult,
-    Progress,
-    register_defense,
-)
+from unbackdoor.defenses.base import Defense, DefenseInputs, DefenseResult, Progress, register_defense
 from unbackdoor.defenses.bcu.config import BCUConfig, bcu_preset, resolve_epochs
 from unbackdoor.defenses.bcu.distill import run_bcu
 
 
 class BCU(Defense):
-    name = "bcu"
-    label = "BCU"
-    config_type = BCUConfig
-    needs = ("model", "unlabeled")
+    name, label, config_type, needs = "bcu", "BCU", BCUConfig, ("model", "unlabeled")
     summary = "BCU: cleanse a suspicious model with unlabeled data"
     description = (
         "Backdoor Cleansing with Unlabeled Data (Pang et al., CVPR 2023): partially re-initialise the model (more "
         "in deeper layers) and distil the suspicious model into it on unlabeled images. Writes the cleansed model "
         "directory at OUT (model.safetensors + model.json) with config.yaml, schedule.json, history.json, "
         "metrics.json and checkpoint.pt.")
-    history_stage = "distillation"
-    featured = True
-
-    def preset(self, name: str) -> BCUConfig:
-        return bcu_preset(name)
+    preset_of, history_stage, featured = staticmethod(bcu_preset), "distillation", True
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--schedule", metavar="FILE.yaml",

@@ -4,13 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from unbackdoor.defenses.base import (
-    Defense,
-    DefenseInputs,
-    DefenseResult,
-    Progress,
-    register_defense,
-)
+from unbackdoor.defenses.base import Defense, DefenseInputs, DefenseResult, Progress, register_defense
 from unbackdoor.defenses.dbd.config import DBDConfig, dbd_preset
 from unbackdoor.defenses.dbd.stages import run_dbd
 from unbackdoor.models.registry import build_for_data
@@ -39,11 +33,8 @@ class DBD(Defense):
         "labels, a linear head on the frozen backbone (SCE), then MixMatch fine-tuning on the low-loss half as "
         "labelled data. Writes the model directory (model.safetensors + model.json) at OUT, checkpoints/, "
         "config.yaml, metrics.json, detection.csv/.json and history.json.")
-    history_stage = "training"
+    preset_of = staticmethod(dbd_preset)
     featured = True
-
-    def preset(self, name: str) -> DBDConfig:
-        return dbd_preset(name)
 
     def describe(self, cfg: DBDConfig, inputs: DefenseInputs) -> str:
         return (f"SimCLR {cfg.simclr.epochs} ep → linear head ≤{cfg.linear.epochs} ep → "

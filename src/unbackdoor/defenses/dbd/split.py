@@ -18,12 +18,7 @@ from unbackdoor.defenses.dbd.config import _fraction
 from unbackdoor.defenses.dbd.losses import symmetric_cross_entropy
 from unbackdoor.metrics import detection_scores
 from unbackdoor.models.model_dir import penultimate_features
-from unbackdoor.training.distributed import (
-    DistContext,
-    broadcast_buffers,
-    gather_sharded,
-    shard_indices,
-)
+from unbackdoor.training.distributed import DistContext, broadcast_buffers, gather_sharded, shard_indices
 
 
 @dataclass
