@@ -98,3 +98,15 @@ def test_missing_inputs_are_named(toy):
     d = ToyFineTune()
     with pytest.raises(UnbackdoorError, match="needs a suspicious trained model"):
         d.check(DefenseInputs())
+
+
+def test_a_length_in_epochs_replaces_the_presets_step_budget(tmp_path):
+    """BCU's quick preset counts optimiser steps; a config file that says epochs means epochs."""
+    from unbackdoor.defenses import get_defense
+
+    f = tmp_path / "c.yaml"
+    f.write_text("bcu: {epochs: 2}\n")
+    assert get_defense("bcu").load_config("quick", f).steps is None
+    f.write_text("bcu: {epochs: 2, steps: 10}\n")
+    assert get_defense("bcu").load_config("quick", f).steps == 10
+    assert get_defense("bcu").load_config("quick", None).steps == 4800

@@ -6,7 +6,7 @@ import argparse
 
 from unbackdoor.attacks.poisoned_data import load_data
 from unbackdoor.cli.commands.common import add_engine_args, add_out_args, engine_options, print_json, print_table
-from unbackdoor.core.config import load_config, override
+from unbackdoor.core.config import override
 from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
 from unbackdoor.core.layout import METRIC_KEYS
 from unbackdoor.data.unlabeled import load_unlabeled
@@ -103,7 +103,7 @@ def defense_inputs(defense: Defense, args: argparse.Namespace, seed: int) -> Def
 
 
 def run_defense(defense: Defense, args: argparse.Namespace) -> int:
-    cfg = load_config(defense.preset(args.preset), args.config, section=defense.name)
+    cfg = defense.load_config(args.preset, args.config)
     if args.seed is not None:
         cfg = override(cfg, {"seed": args.seed}, where=defense.name)
     cfg = defense.configure(cfg, args)

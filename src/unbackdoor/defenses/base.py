@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar
 
 from torch import nn
 
+from unbackdoor.core.config import load_config
 from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.core.registry import Registry
 from unbackdoor.data.dataset import ImageDataset
@@ -77,6 +78,11 @@ class Defense:
     def preset(self, name: str) -> Any:
         """The settings of preset ``name`` (an instance of ``config_type``)."""
         return type(self).preset_of(name)
+
+    def load_config(self, preset: str, path: str | os.PathLike | None) -> Any:
+        """Preset ``preset`` with a YAML file's overrides (its keys, or its section named after
+        this defense)."""
+        return load_config(self.preset(preset), path, section=self.name)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Flags of this defense's own (beyond inputs, --preset, --config, --seed, engine)."""

@@ -113,5 +113,5 @@ def load_experiment_configs(path: str | os.PathLike | None, preset: str = "quick
         out["train"] = load_config(TrainConfig(), path, "train")
     for name in data:
         if name != "train":
-            out[name] = load_config(get_defense(name).preset(preset), path, name)
+            out[name] = get_defense(name).load_config(preset, path)
     return out

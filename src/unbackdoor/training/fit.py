@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -15,7 +14,7 @@ from unbackdoor.core.errors import EmptyDataset
 from unbackdoor.data.augment import WeakAugment
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.training.engine import Engine, EngineOptions, checkpoint_precision
-from unbackdoor.training.progress import Progress
+from unbackdoor.training.loop import Epoch, run_epochs
 
 
 @dataclass
@@ -69,26 +68,19 @@ def fit(
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     eng.set_optimizer(eng.model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
                       cfg.schedule, cfg.epochs * steps_per_epoch)
-    history: list[dict] = []
-    start = 0
-    if resume and checkpoint and Path(checkpoint).exists():
-        st = eng.load(checkpoint)
-        start, history = int(st["epoch"]) + 1, list(st.get("history", []))
     images = train.images.to(eng.device)
     labels = train.labels.to(eng.device)
     aug = WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False))) if cfg.augment else None
-    t_start = time.perf_counter()
-    for epoch in range(start, cfg.epochs):
-        eng.train_model.train()
-        gen = eng.generator(epoch)
-        bar = Progress(steps_per_epoch, f"{desc} epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.engine.progress and eng.dist.is_main)
+
+    def one_epoch(ep: Epoch) -> dict:
+        bar = ep.progress(steps_per_epoch)
         tot_loss = torch.zeros((), device=eng.device)
         correct = torch.zeros((), device=eng.device)
         seen = 0
-        for idx in eng.batches(len(train), cfg.batch_size, gen):
+        for idx in eng.batches(len(train), cfg.batch_size, ep.gen):
             x = images[idx].float().div_(255)
             if aug is not None:
-                x = aug(x, gen)
+                x = aug(x, ep.gen)
             y = labels[idx]
             with eng.autocast():
                 out = eng.train_model(eng.input(x))
@@ -98,14 +90,13 @@ def fit(
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
             bar.update(len(y) * eng.dist.world_size)
-        stats = torch.stack([tot_loss, correct, torch.tensor(float(seen), device=eng.device)])
-        eng.dist.all_reduce_sum(stats)
-        rec = {"epoch": epoch + 1, "loss": float(stats[0] / stats[2]), "train_accuracy": float(stats[1] / stats[2]),
-               "lr": eng.optimizer.param_groups[0]["lr"], "images_per_second": bar.images_per_second}
-        if evaluate is not None and eng.dist.is_main:
-            rec.update(evaluate(eng.model))
-        bar.close(**{k: v for k, v in rec.items() if k in ("loss", "train_accuracy", "clean_accuracy", "attack_success_rate")})
-        history.append(rec)
-        eng.save(checkpoint, epoch=epoch, history=history, config=asdict(cfg))
+        stats = ep.all_reduce_sum(tot_loss, correct, float(seen))
+        return {"loss": float(stats[0] / stats[2]), "train_accuracy": float(stats[1] / stats[2]),
+                "lr": eng.optimizer.param_groups[0]["lr"], "images_per_second": bar.images_per_second}
+
+    t_start = time.perf_counter()
+    history = run_epochs(eng, one_epoch, epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, settings=asdict(cfg),
+                         desc=desc, summary=("loss", "train_accuracy", "clean_accuracy", "attack_success_rate"),
+                         evaluate=evaluate)
     eng.model.eval()
     return TrainResult(eng.model, history, time.perf_counter() - t_start, eng.precision.name)

@@ -22,6 +22,15 @@ class BCU(Defense):
         "metrics.json and checkpoint.pt.")
     preset_of, history_stage, featured = staticmethod(bcu_preset), "distillation", True
 
+    def load_config(self, preset: str, path: str | os.PathLike | None) -> BCUConfig:
+        cfg = super().load_config(preset, path)
+        if path is not None:
+            data = read_yaml(path)
+            data = data.get(self.name, data) if isinstance(data.get(self.name), dict) else data
+            if "epochs" in data and "steps" not in data:  # a length in epochs replaces the preset's step budget
+                cfg = replace(cfg, steps=None)
+        return cfg
+
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--schedule", metavar="FILE.yaml",
                        help="explicit per-layer re-initialisation probabilities: a mapping of module-name glob "

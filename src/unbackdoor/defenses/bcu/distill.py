@@ -91,7 +91,7 @@ from unbackdoor.models.model_dir import load_model, save_model, unwrap
 from unbackdoor.training.budget import PlateauBudget
 from unbackdoor.training.distributed import current_context, run_on_main
 from unbackdoor.training.engine import Engine, checkpoint_precision
-from unbackdoor.training.progress import Progress
+from unbackdoor.training.loop import Epoch, run_epochs
 
 
 # ============================================================================ stage 1
@@ -196,28 +196,18 @@ def distill(
     plateau = cfg.budget == "plateau"
     eng.set_optimizer(eng.model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
                       "constant" if plateau else cfg.schedule, cfg.epochs * steps_per_epoch)
-    history: list[dict] = []
-    start, st = 0, {}
-    if resume and checkpoint and Path(checkpoint).exists():
-        st = eng.load(checkpoint)
-        _check_same_settings(st.get("config") or {}, _plain_config(cfg), checkpoint)
-        start, history = int(st["epoch"]) + 1, list(st.get("history", []))
-    budget = PlateauBudget(cfg.epochs, cfg.max_epochs, cfg.plateau_patience, cfg.plateau_delta, cfg.cooldown,
-                           st.get("budget")) if plateau else None
+    # the budget's state comes from the checkpoint on resume (run_epochs)
+    budget = PlateauBudget(cfg.epochs, cfg.max_epochs, cfg.plateau_patience, cfg.plateau_delta, cfg.cooldown) \
+        if plateau else None
     images = unlabeled.images.to(eng.device)
     side = unlabeled.shape[1]
     aug = WeakAugment(padding=max(1, side // 8), flip=bool(unlabeled.meta.get("flip", False))) if cfg.augment else None
     pseudo = cfg.ablation == "pseudo-label"
-    t0 = time.perf_counter()
-    epoch = start
-    while epoch < (budget.end if budget else cfg.epochs):
-        eng.train_model.train()
-        gen = eng.generator(epoch)
+
+    def one_epoch(ep: Epoch) -> dict:
+        epoch, gen = ep.index, ep.gen
         T = temperature_at(epoch, cfg)
-        last = epoch + 1 == (budget.end if budget else cfg.epochs)
-        show = (epoch + 1) % cfg.eval_every == 0 or last
-        bar = Progress(steps_per_epoch, f"{desc} epoch {epoch + 1}/{budget.shown_end() if budget else cfg.epochs}",
-                       enabled=cfg.engine.progress and eng.dist.is_main, log_every_epoch=show)
+        bar = ep.progress(steps_per_epoch)
         tot = torch.zeros((), device=eng.device)
         agree = torch.zeros((), device=eng.device)
         seen = 0
@@ -243,32 +233,22 @@ def distill(
             agree += (s_logits.detach().argmax(1) == t_logits.argmax(1)).sum()
             seen += len(idx)
             bar.update(len(idx) * eng.dist.world_size)
-        stats = eng.dist.all_reduce_sum(torch.stack([tot, agree.float(), torch.tensor(float(seen), device=eng.device)]))
-        rec = {"epoch": epoch + 1, "loss": float(stats[0] / stats[2]), "agreement": float(stats[1] / stats[2]),
+        stats = ep.all_reduce_sum(tot, agree.float(), float(seen))
+        rec = {"loss": float(stats[0] / stats[2]), "agreement": float(stats[1] / stats[2]),
                "temperature": T, "lr": eng.optimizer.param_groups[0]["lr"], "images_per_second": bar.images_per_second}
         if budget is not None:
             budget.observe(epoch + 1, rec["agreement"])
             rec["cooldown_from"] = budget.state["cool_start"]
-        if evaluate is not None and show and eng.dist.is_main:
-            rec.update(evaluate(eng.model))
-        bar.close(**{k: v for k, v in rec.items() if k in ("loss", "temperature", "clean_accuracy", "attack_success_rate")})
-        history.append(rec)
-        eng.save(checkpoint, epoch=epoch, history=history, config=_plain_config(cfg),
-                 **({"budget": budget.state} if budget else {}))
-        epoch += 1
+        return rec
+
+    t0 = time.perf_counter()
+    # Resume settings: the whole config except how it runs (engine) and the evaluation cadence.
+    history = run_epochs(eng, one_epoch, **({"budget": budget} if budget is not None else {"epochs": cfg.epochs}),
+                         checkpoint=checkpoint, resume=resume, settings=_plain_config(cfg), may_change=("eval_every",),
+                         desc=desc, summary=("loss", "temperature", "clean_accuracy", "attack_success_rate"),
+                         evaluate=evaluate, eval_every=cfg.eval_every)
     eng.model.eval()
     return DistillResult(eng.model, history, time.perf_counter() - t0, eng.precision.name)
-
-
-def _check_same_settings(saved: dict, current: dict, checkpoint) -> None:
-    # Continuing with other training settings would silently mix two runs; how it runs
-    # (engine, evaluation cadence) may change.
-    ignore = {"engine", "eval_every"}
-    diff = sorted(k for k in current if k not in ignore and k in saved and saved[k] != current[k])
-    if diff:
-        raise UnbackdoorError(f"cannot resume from {checkpoint}: it was made with other settings "
-                              f"({', '.join(f'{k}={saved[k]!r}, now {current[k]!r}' for k in diff)}); "
-                              "use --force to start over")
 
 
 def _plain_config(cfg: BCUConfig) -> dict:

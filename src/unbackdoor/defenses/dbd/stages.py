@@ -136,7 +136,7 @@ from unbackdoor.training.budget import PlateauBudget
 from unbackdoor.training.device import pick_device, resolve_precision
 from unbackdoor.training.distributed import current_context, run_on_main
 from unbackdoor.training.engine import Engine, EngineOptions, checkpoint_precision
-from unbackdoor.training.progress import Progress
+from unbackdoor.training.loop import Epoch, run_epochs
 
 # Independent random sub-streams per stage (Engine.generator(epoch, stream)).
 _STREAM = {"simclr": 1, "linear": 2, "mixmatch": 3}
@@ -227,19 +227,11 @@ def _stage_engine(net: nn.Module, train: ImageDataset, engine: EngineOptions | N
     return Engine(net, train.shape, engine or EngineOptions(), seed=seed, batch_size=batch_size, precision=prec)
 
 
-def _resume_state(eng: Engine, checkpoint, resume: bool, cfg: Any) -> tuple[int, list[dict], dict]:
-    """Load a stage checkpoint. Its settings must match ``cfg`` except ``epochs`` (a stage
-    may be extended); anything else would silently mix two different runs."""
-    if resume and checkpoint is not None and Path(checkpoint).exists():
-        st = eng.load(checkpoint)
-        old, new = st.get("config") or {}, _plain(cfg)
-        diff = sorted(k for k in set(old) | set(new) if k != "epochs" and old.get(k) != new.get(k))
-        if old and diff:
-            raise UnbackdoorError(f"cannot resume from {checkpoint}: it was written with different settings "
-                                  f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)}); "
-                                  "use the same config or start afresh with --force")
-        return int(st["epoch"]) + 1, list(st.get("history", [])), st
-    return 0, [], {}
+def _run_stage(eng: Engine, one_epoch: Callable, cfg: Any, checkpoint, resume: bool, stage: str, **kw) -> list[dict]:
+    """:func:`run_epochs` for a DBD stage: its random sub-stream, and the resume settings =
+    the stage config (and seed) except ``epochs`` (a stage may be extended)."""
+    return run_epochs(eng, one_epoch, checkpoint=checkpoint, resume=resume, settings=_plain(cfg),
+                      may_change=("epochs",), stream=_STREAM[stage], **kw)
 
 
 def _seconds(history: list[dict]) -> float:
@@ -286,21 +278,18 @@ def simclr_stage(
         steps = n // cfg.batch_size
         params = [p for p in eng.model.parameters() if p.requires_grad]
         eng.set_optimizer(params, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.epochs * steps)
-        start, history, _ = _resume_state(eng, checkpoint, resume, cfg)
-        opts = engine or EngineOptions()
         aug = _augmenter(SimCLRAugment(scale=tuple(cfg.scale), flip=bool(train.meta.get("flip", False)), noise=cfg.noise,
                                        noise_offset=cfg.noise_offset, noise_std=cfg.noise_std), cfg.grating, cfg.grating_p)
         criterion = NTXentLoss(cfg.temperature)
         images = train.images.to(eng.device)
-        for epoch in range(start, cfg.epochs):
-            eng.train_model.train()
-            gen = eng.generator(epoch, _STREAM["simclr"])
-            bar = Progress(steps, f"simclr epoch {epoch + 1}/{cfg.epochs}", enabled=opts.progress and eng.dist.is_main)
+
+        def one_epoch(ep: Epoch) -> dict:
+            bar = ep.progress(steps)
             tot = torch.zeros((), device=eng.device)
-            for idx in eng.batches(n, cfg.batch_size, gen):
+            for idx in eng.batches(n, cfg.batch_size, ep.gen):
                 x = images[idx]
                 # both views in one batched call and one forward: BN sees both, as in SimCLR
-                views = aug(torch.cat([x, x]).float().div_(255), gen)
+                views = aug(torch.cat([x, x]).float().div_(255), ep.gen)
                 with eng.autocast():
                     z = eng.train_model(eng.input(views))
                 z1, z2 = z.float().chunk(2)
@@ -308,14 +297,12 @@ def simclr_stage(
                 eng.step(loss)
                 tot += loss.detach()
                 bar.update(len(idx) * eng.dist.world_size)
-            stats = eng.dist.all_reduce_sum(tot[None]) / eng.dist.world_size
-            rec = {"epoch": epoch + 1, "loss": float(stats[0]) / steps, "lr": eng.optimizer.param_groups[0]["lr"],
-                   "images_per_second": bar.images_per_second, "seconds": time.perf_counter() - bar.t0}
-            bar.close(loss=rec["loss"])
-            history.append(rec)
-            eng.save(checkpoint, epoch=epoch, history=history, config=_plain(cfg))
-            if on_epoch is not None:
-                on_epoch(rec)
+            stats = ep.all_reduce_sum(tot[None]) / eng.dist.world_size
+            return {"loss": float(stats[0]) / steps, "lr": eng.optimizer.param_groups[0]["lr"],
+                    "images_per_second": bar.images_per_second}
+
+        history = _run_stage(eng, one_epoch, cfg, checkpoint, resume, "simclr", epochs=cfg.epochs, desc="simclr",
+                             on_epoch=on_epoch)
     finally:
         head.requires_grad_(True)
     model.eval()
@@ -373,23 +360,18 @@ def linear_stage(
         eng = _stage_engine(probe, train, engine, seed, bs, checkpoint, resume)
         steps = n // bs
         eng.set_optimizer(list(probe.head.parameters()), "adam", cfg.lr, schedule="constant", total_steps=cfg.epochs * steps)
-        start, history, st = _resume_state(eng, checkpoint, resume, cfg)
-        guard = dict(st.get("guard", {"best_gap": -math.inf, "best_epoch": 0, "bad": 0, "done": False, "best_head": None}))
-        opts = engine or EngineOptions()
+        guard = {"best_gap": -math.inf, "best_epoch": 0, "bad": 0, "done": False, "best_head": None}
         aug = _weak(train, cfg.augment, cfg.grating, cfg.grating_p)
         images, labels = train.images.to(eng.device), train.labels.to(eng.device)
-        for epoch in range(start, cfg.epochs):
-            if guard["done"]:
-                break
-            eng.train_model.train()
-            gen = eng.generator(epoch, _STREAM["linear"])
-            bar = Progress(steps, f"dbd head epoch {epoch + 1}/{cfg.epochs}", enabled=opts.progress and eng.dist.is_main)
+
+        def one_epoch(ep: Epoch) -> dict:
+            bar = ep.progress(steps)
             tot = torch.zeros((), device=eng.device)
             correct = torch.zeros((), device=eng.device)
-            for idx in eng.batches(n, bs, gen):
+            for idx in eng.batches(n, bs, ep.gen):
                 x = images[idx].float().div_(255)
                 if aug is not None:
-                    x = aug(x, gen)
+                    x = aug(x, ep.gen)
                 y = labels[idx]
                 with eng.autocast():
                     logits = eng.train_model(eng.input(x))
@@ -398,26 +380,31 @@ def linear_stage(
                 tot += loss.detach()
                 correct += (logits.detach().argmax(1) == y).sum()
                 bar.update(len(idx) * eng.dist.world_size)
-            rec = {"epoch": epoch + 1, "loss": float(tot) / steps, "train_accuracy": float(correct) / (steps * bs),
+            rec = {"loss": float(tot) / steps, "train_accuracy": float(correct) / (steps * bs),
                    "images_per_second": bar.images_per_second}
             split = split_by_loss(model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist)
             rec.update({f"split_{k}": v for k, v in split.quality(train.poisoned, cfg.guard_tail).items()})
-            rec["seconds"] = time.perf_counter() - bar.t0
-            if cfg.guard == "loss-gap" and epoch + 1 >= cfg.guard_min_epoch:
+            if cfg.guard == "loss-gap" and ep.index + 1 >= cfg.guard_min_epoch:
                 gap = rec["split_loss_gap"]
                 if gap > guard["best_gap"] * (1 + cfg.guard_min_delta) or guard["best_head"] is None:
-                    guard.update(best_gap=gap, best_epoch=epoch + 1, bad=0, best_head=_head_state(probe))
+                    guard.update(best_gap=gap, best_epoch=ep.index + 1, bad=0, best_head=_head_state(probe))
                 else:
                     guard["bad"] += 1
                     if guard["bad"] >= cfg.guard_patience:
                         guard["done"] = True
                 rec["guard_best_epoch"] = guard["best_epoch"]
-            bar.close(loss=rec["loss"], train_accuracy=rec["train_accuracy"], gap=rec["split_loss_gap"],
-                      **({"poisoned_kept": rec["split_poisoned_kept"]} if "split_poisoned_kept" in rec else {}))
-            history.append(rec)
-            eng.save(checkpoint, epoch=epoch, history=history, config=_plain(cfg), guard=guard)
-            if on_epoch is not None:
-                on_epoch(rec)
+            return rec
+
+        def restore(st: dict) -> None:
+            if "guard" in st:
+                guard.clear()
+                guard.update(st["guard"])
+
+        history = _run_stage(eng, one_epoch, cfg, checkpoint, resume, "linear", epochs=cfg.epochs, desc="dbd head",
+                             summary={"loss": "loss", "train_accuracy": "train_accuracy", "gap": "split_loss_gap",
+                                      "poisoned_kept": "split_poisoned_kept"},
+                             state=lambda: {"guard": guard}, restore=restore, stop=lambda: guard["done"],
+                             on_epoch=on_epoch)
         if cfg.guard == "loss-gap" and guard["best_head"] is not None:
             # keep the head of the widest gap: the epochs after it began to fit the trigger
             _load_head_state(probe, guard["best_head"])
@@ -478,8 +465,6 @@ def mixmatch_stage(
     n = len(train)
     eng = _stage_engine(model, train, engine, seed, 3 * cfg.batch_size, checkpoint, resume)
     eng.set_optimizer(eng.model.parameters(), "adam", cfg.lr, schedule="constant", total_steps=1)
-    start, history, st = _resume_state(eng, checkpoint, resume, cfg)
-    opts = engine or EngineOptions()
     aug = _weak(train, cfg.augment, cfg.grating, cfg.grating_p, cfg.patches)
     images, labels = train.images.to(eng.device), train.labels.to(eng.device)
     c = train.num_classes
@@ -492,13 +477,13 @@ def mixmatch_stage(
     ramp_len = cfg.epochs if cfg.rampup_epochs is None else cfg.rampup_epochs
     iters = cfg.iterations
     budget = None  # budget 'fixed': cfg.epochs at a constant rate
-    if cfg.budget == "plateau":
-        budget = PlateauBudget(ramp_len, cfg.epochs, cfg.plateau_patience, cfg.plateau_delta, cfg.cooldown,
-                               st.get("budget"))
+    if cfg.budget == "plateau":  # its state comes from the checkpoint on resume (run_epochs)
+        budget = PlateauBudget(ramp_len, cfg.epochs, cfg.plateau_patience, cfg.plateau_delta, cfg.cooldown)
     prev_kept = None
-    epoch = start
-    while epoch < (budget.end if budget else cfg.epochs):
-        t_epoch = time.perf_counter()
+
+    def one_epoch(ep: Epoch) -> dict:
+        nonlocal prev_kept
+        epoch, gen = ep.index, ep.gen
         split = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist,
                               cfg.class_floor, cfg.balanced)
         if budget is not None:
@@ -507,14 +492,11 @@ def mixmatch_stage(
         lab_pool, unl_pool = torch.nonzero(kept).flatten(), torch.nonzero(~kept).flatten()
         if len(lab_pool) == 0 or len(unl_pool) == 0:
             raise UnbackdoorError(f"mixmatch.epsilon {cfg.epsilon} leaves an empty labelled or unlabelled set of {n}")
-        gen = eng.generator(epoch, _STREAM["mixmatch"])
         lab_idx = _cycled_batches(lab_pool, cfg.batch_size, iters, gen)  # identical on every rank
         unl_idx = _cycled_batches(unl_pool, cfg.batch_size, iters, gen)
         rng = np.random.default_rng([seed, _STREAM["mixmatch"], epoch])
         lams = [mixup_lambda(cfg.alpha, rng) for _ in range(iters)]
-        eng.train_model.train()
-        bar = Progress(iters, f"dbd mixmatch epoch {epoch + 1}/{budget.shown_end() if budget else cfg.epochs}",
-                       enabled=opts.progress and eng.dist.is_main)
+        bar = ep.progress(iters)
         sums = torch.zeros(3, device=eng.device)
         for it in range(iters):
             xi, ui = lab_idx[it], unl_idx[it]
@@ -548,25 +530,21 @@ def mixmatch_stage(
             eng.step(loss)
             sums += torch.stack([loss.detach(), lx.detach(), lu.detach()])
             bar.update(3 * b * world)
-        sums = (eng.dist.all_reduce_sum(sums) / (iters * world)).tolist()
-        rec = {"epoch": epoch + 1, "loss": sums[0], "loss_x": sums[1], "loss_u": sums[2],
+        sums = (ep.all_reduce_sum(sums) / (iters * world)).tolist()
+        rec = {"loss": sums[0], "loss_x": sums[1], "loss_u": sums[2],
                "lambda_u": cfg.lambda_u * linear_rampup(epoch + 1, ramp_len), "images_per_second": bar.images_per_second}
         rec.update({f"split_{k}": v for k, v in split.quality(train.poisoned).items()})
         if prev_kept is not None:
             rec["split_changed"] = float((prev_kept != split.kept).float().mean())
         prev_kept = split.kept
-        if evaluate is not None and eng.dist.is_main:
-            rec.update(evaluate(eng.model))
-        rec["seconds"] = time.perf_counter() - t_epoch
-        bar.close(**{k: rec[k] for k in ("loss", "clean_accuracy", "attack_success_rate", "split_poisoned_kept") if k in rec})
-        history.append(rec)
         if budget is not None:
             rec["cooldown_from"] = budget.state["cool_start"]
-        eng.save(checkpoint, epoch=epoch, history=history, config=_plain(cfg),
-                 **({"budget": budget.state} if budget else {}))
-        if on_epoch is not None:
-            on_epoch(rec)
-        epoch += 1
+        return rec
+
+    history = _run_stage(eng, one_epoch, cfg, checkpoint, resume, "mixmatch",
+                         **({"budget": budget} if budget is not None else {"epochs": cfg.epochs}),
+                         desc="dbd mixmatch", summary=("loss", "clean_accuracy", "attack_success_rate", "split_poisoned_kept"),
+                         evaluate=evaluate, on_epoch=on_epoch)
     eng.model.eval()
     final = split_by_loss(eng.model, train, cfg.epsilon, cfg.sce_alpha, cfg.sce_beta, eval_batch_size, eng.dist,
                           cfg.class_floor, cfg.balanced)
