@@ -30,11 +30,7 @@ from unbackdoor.defenses.bcu.distill import (
     run_bcu,
     temperature_at,
 )
-from unbackdoor.defenses.bcu.schedule import (
-    PAPER_STAGE_P,
-    depth_probabilities,
-    layer_schedule,
-)
+from unbackdoor.defenses.bcu.schedule import PAPER_STAGE_P, depth_probabilities, layer_schedule
 from unbackdoor.models.model_dir import load_model, save_model
 from unbackdoor.models.registry import create
 from unbackdoor.training.engine import EngineOptions

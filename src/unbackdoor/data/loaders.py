@@ -17,12 +17,7 @@ import torch.nn.functional as F
 from unbackdoor.core.errors import NeedsLocalFiles, UnbackdoorError, unknown_name
 from unbackdoor.core.safe_pickle import load_pickle
 from unbackdoor.data.dataset import ImageDataset
-from unbackdoor.data.idx import (
-    FASHION_MNIST_CLASSES,
-    fashion_mnist_root,
-    load_idx_split,
-    subset_per_class,
-)
+from unbackdoor.data.idx import FASHION_MNIST_CLASSES, fashion_mnist_root, load_idx_split, subset_per_class
 from unbackdoor.data.splits import Splits, stratified_split
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp"}
@@ -243,10 +238,7 @@ def _mnist5k_splits(root=None, seed: int = 0, **kw) -> Splits:
 
 @_register("digits", DatasetInfo(flip=False, default_model="cnn-small", needs_root=False))
 def _digits_splits(root=None, seed: int = 0, size: int = 8, pad_to: int | None = None, **kw) -> Splits:
-    ds = load_digits(size=size, pad_to=pad_to)
-    n = len(ds)
-    n_test, n_held = int(0.2 * n), int(0.1 * n)
-    return stratified_split(ds, (n - n_test - n_held, n_test, n_held), seed=seed)
+    return _split_70_20_10(load_digits(size=size, pad_to=pad_to), seed)
 
 
 def _fashion_mnist(root) -> tuple[ImageDataset, ImageDataset]:
@@ -280,6 +272,13 @@ def _idx_splits(root=None, seed: int = 0, transpose: bool = False, **kw) -> Spli
     return _with_heldout(tr, te, seed)
 
 
+def _split_70_20_10(ds: ImageDataset, seed: int) -> Splits:
+    """A dataset without its own test set: 20% test, 10% held out, the rest training (stratified)."""
+    n = len(ds)
+    n_test, n_held = int(0.2 * n), int(0.1 * n)
+    return stratified_split(ds, (n - n_test - n_held, n_test, n_held), seed=seed)
+
+
 def _with_heldout(train: ImageDataset, test: ImageDataset, seed: int, heldout_frac: float = 0.1) -> Splits:
     # Reference BCU setting: 10% of the training set is the clean held-out pool.
     n_held = int(round(heldout_frac * len(train)))
@@ -287,25 +286,15 @@ def _with_heldout(train: ImageDataset, test: ImageDataset, seed: int, heldout_fr
     return Splits(train=parts.train, test=test, heldout=parts.test)
 
 
-@_register("cifar10", DatasetInfo(flip=True, default_model="resnet18", needs_root=True))
-def _cifar10_splits(root=None, seed: int = 0, **kw) -> Splits:
-    tr, te = load_cifar10(root)
-    return _with_heldout(tr, te, seed)
-
-
-@_register("cifar100", DatasetInfo(flip=True, default_model="resnet18", needs_root=True))
-def _cifar100_splits(root=None, seed: int = 0, **kw) -> Splits:
-    tr, te = load_cifar100(root)
-    return _with_heldout(tr, te, seed)
+for _name, _load in (("cifar10", load_cifar10), ("cifar100", load_cifar100)):
+    _register(_name, DatasetInfo(flip=True, default_model="resnet18", needs_root=True))(
+        lambda root=None, seed=0, _load=_load, **kw: _with_heldout(*_load(root), seed))
 
 
 @_register("gtsrb", DatasetInfo(flip=False, default_model="resnet18", needs_root=True))
 def _gtsrb_splits(root=None, seed: int = 0, size: int = 32, **kw) -> Splits:
     tr, te = load_gtsrb(root, size=size)
-    if te is None:
-        n = len(tr)
-        return stratified_split(tr, (n - int(0.2 * n) - int(0.1 * n), int(0.2 * n), int(0.1 * n)), seed=seed)
-    return _with_heldout(tr, te, seed)
+    return _split_70_20_10(tr, seed) if te is None else _with_heldout(tr, te, seed)
 
 
 @_register("imagefolder", DatasetInfo(flip=True, default_model="resnet18", needs_root=True))
@@ -319,15 +308,12 @@ def _imagefolder_splits(root=None, seed: int = 0, size: int = 32, channels: int 
         ds = tr
     else:
         ds = load_imagefolder(root, size, channels)
-    n = len(ds)
-    return stratified_split(ds, (n - int(0.2 * n) - int(0.1 * n), int(0.2 * n), int(0.1 * n)), seed=seed)
+    return _split_70_20_10(ds, seed)
 
 
 @_register("npz", DatasetInfo(flip=False, default_model="cnn-small", needs_root=True))
 def _npz_splits(root=None, seed: int = 0, **kw) -> Splits:
-    ds = ImageDataset.load_npz(root)
-    n = len(ds)
-    return stratified_split(ds, (n - int(0.2 * n) - int(0.1 * n), int(0.2 * n), int(0.1 * n)), seed=seed)
+    return _split_70_20_10(ImageDataset.load_npz(root), seed)
 
 
 def dataset_names() -> list[str]:

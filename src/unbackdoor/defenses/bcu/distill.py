@@ -70,22 +70,13 @@ from torch import nn
 from unbackdoor.attacks.poisoned_data import load_data
 from unbackdoor.core import layout
 from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
-from unbackdoor.core.files import (
-    prepare_out_dir,
-    rollback_on_failure,
-    write_json,
-    write_yaml,
-)
+from unbackdoor.core.files import prepare_out_dir, rollback_on_failure, write_json, write_yaml
 from unbackdoor.core.layout import run_metrics
 from unbackdoor.data.augment import WeakAugment, random_grating
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.data.unlabeled import load_unlabeled
 from unbackdoor.defenses.bcu.config import BCUConfig, resolve_epochs, temperature_at
-from unbackdoor.defenses.bcu.schedule import (
-    LayerP,
-    layer_schedule,
-    schedule_mapping,
-)
+from unbackdoor.defenses.bcu.schedule import LayerP, layer_schedule, schedule_mapping
 from unbackdoor.metrics import der, evaluate
 from unbackdoor.models.model_dir import load_model, save_model, unwrap
 from unbackdoor.training.budget import PlateauBudget

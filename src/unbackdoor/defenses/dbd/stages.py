@@ -84,29 +84,11 @@ from torch import nn
 from unbackdoor.attacks.poisoned_data import PoisonedData
 from unbackdoor.core import layout
 from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
-from unbackdoor.core.files import (
-    atomic_path,
-    prepare_out_dir,
-    rollback_on_failure,
-    write_json,
-    write_text,
-    write_yaml,
-)
+from unbackdoor.core.files import atomic_path, prepare_out_dir, rollback_on_failure, write_json, write_text, write_yaml
 from unbackdoor.core.layout import run_metrics
-from unbackdoor.data.augment import (
-    SimCLRAugment,
-    WeakAugment,
-    random_grating,
-    random_patches,
-)
+from unbackdoor.data.augment import SimCLRAugment, WeakAugment, random_grating, random_patches
 from unbackdoor.data.dataset import ImageDataset
-from unbackdoor.defenses.dbd.config import (
-    DBDConfig,
-    LinearConfig,
-    MixMatchConfig,
-    SimCLRConfig,
-    _plain,
-)
+from unbackdoor.defenses.dbd.config import DBDConfig, LinearConfig, MixMatchConfig, SimCLRConfig, _plain
 from unbackdoor.defenses.dbd.losses import (
     NTXentLoss,
     linear_rampup,
@@ -126,12 +108,7 @@ from unbackdoor.defenses.dbd.split import (
     split_by_loss,
 )
 from unbackdoor.metrics import detection_scores, evaluate
-from unbackdoor.models.model_dir import (
-    last_linear,
-    penultimate_features,
-    save_model,
-    unwrap,
-)
+from unbackdoor.models.model_dir import last_linear, penultimate_features, save_model, unwrap
 from unbackdoor.training.budget import PlateauBudget
 from unbackdoor.training.device import pick_device, resolve_precision
 from unbackdoor.training.distributed import current_context, run_on_main
