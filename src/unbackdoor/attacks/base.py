@@ -49,8 +49,8 @@ class Attack:
 
     name: ClassVar[str] = "attack"
     clean_label: ClassVar[bool] = False
-    # Epochs the attacked model needs for the backdoor to take (mnist5k / cnn-small, measured
-    # with benchmarks/attacks_table.py); the demo and sweep train at least this long.
+    # Epochs the attacked model needs for the backdoor to take on mnist5k / cnn-small
+    # (evidence: README, Attacks); the demo and sweep train at least this long.
     train_epochs: ClassVar[int] = 12
 
     def __init__(self, shape: tuple[int, int, int], num_classes: int, target: int = 0, mode: str = "all-to-one", seed: int = 0):
@@ -117,7 +117,7 @@ class Attack:
         n = int(round(rate * len(dataset)))
         if self.clean_label and n >= len(elig):
             # Every target-class sample carries the trigger: the model never sees a clean
-            # one and learns the trigger as the class (mnist5k, lc at 10%: clean accuracy 0.88).
+            # one and learns the trigger as the class (evidence: README, Attacks, footnote 2).
             warnings.warn(f"{self.name}: rate {rate} asks for {n} samples and poisons all {len(elig)} "
                           f"target-class samples; no clean target-class image is left, so clean accuracy "
                           f"on the target class may suffer (use a lower rate)", stacklevel=2)

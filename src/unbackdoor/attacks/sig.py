@@ -3,10 +3,11 @@ v(i, j) = delta * sin(2 pi j f / W) added to target-class training images
 (labels unchanged). Defaults delta = 40/255, f = 6 (BackdoorBench).
 
 At test time the paper uses a stronger signal than in training (Delta_test >
-Delta_train). Default ``test_delta`` = 150/255: measured on mnist5k/cnn-small
-(train delta 40/255), test delta 40 -> ASR 0.01, 120 -> 0.87, 150 -> 0.98, because
-digit shapes are easy enough that the network barely needs the weak training
-signal. Pass ``test_delta=0.157`` for BackdoorBench's equal-strength setting."""
+Delta_train). Default ``test_delta`` = 150/255: on mnist5k/cnn-small (train
+delta 40/255) the training strength at test time barely triggers the backdoor,
+because digit shapes are easy enough that the network barely needs the weak
+training signal (evidence: README, Attacks, footnote 1). Pass
+``test_delta=0.157`` for BackdoorBench's equal-strength setting."""
 from __future__ import annotations
 
 import math

@@ -19,7 +19,7 @@ from unbackdoor.data.augment import to_float, to_uint8
 @register
 class WaNet(Attack):
     name = "wanet"
-    train_epochs = 30  # a warp is learned slowly: ASR ~0.9 after 12 epochs, 0.99 after 30 (mnist5k)
+    train_epochs = 30  # a warp is learned slowly: 12 epochs leave the backdoor incomplete (README, Attacks)
 
     def __init__(self, shape, num_classes, target=0, mode="all-to-one", seed=0, k: int = 4, s: float = 0.5,
                  grid_rescale: float = 1.0, cross_ratio: float = 2.0):

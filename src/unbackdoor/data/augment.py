@@ -77,7 +77,8 @@ def random_resized_crop(
     # An axis-aligned crop + bilinear resize is separable: out = My @ x @ Mx^T with one
     # (out, in) interpolation matrix per sample and axis. Same values as
     # affine_grid + grid_sample (bilinear, border, align_corners=False) to float
-    # rounding, but ~3x faster on CPU (affine_grid's bmm dominated SimCLR's augmentation).
+    # rounding, but faster on CPU, where affine_grid's bmm dominated SimCLR's augmentation
+    # (docs/results_dbd.md).
     my = _resize_matrix(cy, ch, h, out_size or h, x.dtype)
     mx = _resize_matrix(cx, cw, w, out_size or w, x.dtype)
     return my[:, None] @ x @ mx.transpose(1, 2)[:, None]
@@ -229,7 +230,7 @@ def random_patches(
     triggers (docs/results_dbd.md): a Label-Consistent poison keeps its correct label
     and its loss is low, so it stays labelled and MixMatch learns its corner patch
     as the target class; random local patches on images of every class make such a
-    patch uninformative (mnist5k LC at 10%: ASR 0.14-0.35 -> 0.006-0.009).
+    patch uninformative.
     """
     n, c, h, w = x.shape
     dev = x.device
@@ -250,9 +251,9 @@ def random_patches(
 def random_bits(shape: tuple[int, ...], gen: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Fair random bits: a uint8 tensor of ``shape`` with values in {0, 1}.
 
-    Unpacks random bytes (8 bits each) instead of drawing one float per bit: on CPU,
-    150k bits as thresholded floats took ~1.0-1.5 ms of stage 3's step, as
-    unpacked bytes ~0.4 ms (docs/results_dbd.md).
+    Unpacks random bytes (8 bits each) instead of drawing one float per bit: an
+    eighth as many random values, and the float draw was a large part of stage 3's
+    patch cost on CPU (evidence: docs/results_dbd.md, Benchmark, 2026-12-01).
     """
     m = math.prod(shape)
     byte = torch.randint(0, 256, ((m + 7) // 8,), generator=gen, device=device, dtype=torch.uint8)

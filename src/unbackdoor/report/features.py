@@ -37,8 +37,8 @@ def features_of(model, images_u8: torch.Tensor, batch: int = 256) -> np.ndarray:
 def _unit(feats: np.ndarray) -> np.ndarray:
     # L2-normalised, not standardised per dimension: standardising gives the many
     # shape dimensions the weight of the few the trigger drives, and hid the poisoned
-    # cluster of a backdoored cnn-small (poisoned neighbours of poisoned samples:
-    # 0.80 on unit vectors, 0.35 standardised; measured on the demo's model).
+    # cluster of a backdoored cnn-small (seen on the demo's model; evidence:
+    # docs/results_dbd.md, "Evidence quoted from earlier docstrings").
     x = feats.astype(np.float32)
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
 
@@ -75,7 +75,7 @@ def embed_2d(feats: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
 
     perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
-    # One thread: on a shared 2-core machine OpenMP spin-waiting made t-SNE ~3x slower (measured: 31 s vs 10.5 s).
+    # One thread: on a shared 2-core machine OpenMP spin-waiting made t-SNE several times slower (docs/results_dbd.md).
     with threadpool_limits(limits=1):
         return tsne.fit_transform(x), "t-SNE"
 

@@ -83,10 +83,10 @@ def tune_cpu_allocator() -> bool:
     augmentation buffers every step. With glibc's defaults many of them go back to
     the kernel (``mmap``/trim) and are page-faulted in again on the next step.
     Raising the mmap threshold to its 32 MiB maximum and the trim threshold to
-    2 GiB keeps them in the heap: on mnist5k / cnn-small SimCLR ran ~5-10% faster
-    and MixMatch unchanged (docs/results_dbd.md, benchmark of 2026-12-01). Freed
-    memory is kept by the process instead of returned, so peak RSS can be higher
-    (measured: -12 to +54 MiB in three short A/B pairs, +100 MiB over one whole quick DBD run).
+    2 GiB keeps them in the heap: on mnist5k / cnn-small SimCLR ran faster and
+    MixMatch unchanged. Freed memory is kept by the process instead of returned,
+    so peak RSS can be higher (evidence for both: docs/results_dbd.md, Benchmark,
+    2026-12-01).
 
     Called by the CLI and benchmarks/dbd.py. Linux/glibc only (a no-op elsewhere); set
     ``UNBACKDOOR_MALLOC_TUNING=0`` to leave the allocator alone. Returns whether
@@ -190,8 +190,8 @@ def probe_precision(model: nn.Module, sample_shape: tuple[int, ...], device: tor
     choice = min(timings, key=timings.get)
     if _busy():
         # Timed while other work shared the CPU: good enough for this run, not worth keeping
-        # (a probe cached under load once pinned DBD to fp32 NCHW here, 1.8x slower than
-        # channels_last on the idle machine). The next run probes again.
+        # (a probe cached under load once pinned DBD to a much slower fp32 NCHW:
+        # docs/results_dbd.md, Results). The next run probes again.
         return Precision.parse(choice)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

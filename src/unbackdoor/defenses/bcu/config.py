@@ -11,7 +11,6 @@ from unbackdoor.training.engine import EngineOptions
 # Paper (ResNet-18): stem conv, stage1..stage4, classifier.
 PAPER_STAGE_P: tuple[float, ...] = (0.01, 0.01, 0.03, 0.09, 0.27, 0.10)
 STAGE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "classifier")
-STAGE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "classifier")
 RULES = ("auto", "stages", "depth")
 ABLATIONS = ("none", "no-reinit", "pseudo-label")
 

@@ -44,9 +44,9 @@ explicitly and is not scaled.
 Addition (not in the paper; ``grating: 0`` gives the reference exactly)
 -------------------------------------------------------------------------
 SIG's clean-label sinusoid survived every partial re-initialisation that kept
-the clean accuracy (ASR 0.26-0.75 on mnist5k, docs/results_bcu.md): the kept
-shallow layers still respond to stripes, and distillation on clean images
-never says what to do with them. With ``grating > 0`` the *student* sees, with
+the clean accuracy (evidence: docs/results_bcu.md, "Random gratings on the
+student's input (SIG)"): the kept shallow layers still respond to stripes, and
+distillation on clean images never says what to do with them. With ``grating > 0`` the *student* sees, with
 probability ``grating_p``, its image plus a random sinusoidal grating (random
 amplitude up to ``grating``, frequency, orientation, phase) while the target
 stays the teacher's output on the clean image: the student learns that an

@@ -29,11 +29,11 @@ class SimCLRConfig:
     temperature: float = 0.5
     projection_dim: int = 128
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area fraction
-    noise: bool = True  # not in the paper: random brightness offset + Gaussian noise per view (docstring of defenses/dbd.py)
+    noise: bool = True  # not in the paper: random brightness offset + Gaussian pixel noise per view (dbd/stages.py)
     noise_offset: float = 0.2
     noise_std: float = 0.05
     grating: float = 0.5  # not in the paper: max amplitude of a random grating added to a view (0: off) ...
-    grating_p: float = 0.5  # ... with this probability (docstring of defenses/dbd.py)
+    grating_p: float = 0.5  # ... with this probability (dbd/stages.py)
 
     def validate(self) -> None:
         _positive("simclr", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
@@ -63,12 +63,10 @@ class LinearConfig:
     prior, and the target class - inflated by the poisoned samples - has low
     loss for all its members, poisoned ones included.
 
-    Measured on mnist5k (10% BadNets / Blended, 2 seeds each, 10-epoch heads):
-    the gap peaked at epoch 3-5, where 0-1 of 350 poisoned samples were kept
-    and the head's ASR was 0.01-0.04; the 10-epoch heads reached ASR 0.08-0.67
-    (Blended: 0.35, 0.67, with up to 9 poisoned samples kept) and epoch 1 kept up
-    to 29. ``guard = "none"``
-    trains all epochs (reference). Details: docs/results_dbd.md.
+    On mnist5k the gap was widest before the head fitted the trigger, while the
+    paper's 10-epoch heads and the first epoch kept poisoned samples labelled
+    (evidence: docs/results_dbd.md, section 1). ``guard = "none"`` trains all
+    epochs (reference).
     """
 
     epochs: int = 10
@@ -109,7 +107,7 @@ class MixMatchConfig:
 
     * ``balanced`` split: each class keeps its lowest-loss fraction ``epsilon`` of
       ``min(class size, median class size)``. A global loss ranking keeps the easy
-      classes and drops hard ones (Fashion-MNIST: 31 of 306 coats labelled), and a
+      classes and drops hard ones (seen on Fashion-MNIST's coats and shirts), and a
       model fitted on the easy half of every class misses the hard cases; capping
       at the median keeps an inflated (poisoned) class from filling its quota with poisons.
     * ``label_prior``: an unlabelled sample's given label multiplies its share of
@@ -150,7 +148,7 @@ class MixMatchConfig:
     augment: bool = True  # random crop (pad = side/8) + flip where the data allows it, + gratings
     grating: float = 0.5  # random-grating amplitude (0: off), as in SimCLRConfig
     grating_p: float = 0.5
-    patches: float = 0.5  # not in the paper: probability of random binary patches on an image (0: off; docstring of defenses/dbd.py)
+    patches: float = 0.5  # not in the paper: probability of random binary patches on an image (0: off; dbd/stages.py)
 
     def validate(self) -> None:
         _positive("mixmatch", epochs=self.epochs, iterations=self.iterations, batch_size=self.batch_size,
@@ -173,8 +171,8 @@ class MixMatchConfig:
 
 @dataclass
 class DBDConfig:
-    """All of DBD. Defaults = the paper's settings plus the two robustness additions
-    (docstring of defenses/dbd.py). Override from YAML with :func:`unbackdoor.config.load_config`."""
+    """All of DBD. Defaults = the paper's settings plus the robustness additions
+    (docstring of defenses/dbd/stages.py). Override from YAML with :func:`unbackdoor.core.config.load_config`."""
 
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
@@ -191,9 +189,10 @@ class DBDConfig:
 
 
 def dbd_preset(name: str) -> DBDConfig:
-    """``paper``: the paper's settings (+ guard and noise). ``quick``: mnist5k /
+    """``paper``: the paper's settings (+ the additions). ``quick``: mnist5k /
     cnn-small on 2 CPU cores in a few minutes (SimCLR 50 epochs at batch 256,
-    MixMatch 6 x 200 iterations; docs/results_dbd.md)."""
+    MixMatch 200 iterations an epoch for at most 40 epochs, the plateau budget
+    deciding; docs/results_dbd.md)."""
     if name == "paper":
         return DBDConfig()
     if name == "quick":

@@ -61,9 +61,9 @@ def sample_scores(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta
                   batch_size: int = 512, dist: DistContext | None = None) -> torch.Tensor:
     """Per-sample SCE loss and agreement (1.0 where the prediction is the given label) of
     ``model`` (eval mode, no augmentation) on ``data``: float (N, 2) on CPU.
-    Always fp32, whatever the stages train in: scoring with bf16 autocast halved the
-    split's time but moved it enough to let the SIG backdoor through on one seed
-    (mnist5k quick, SIG seed 1: final ASR 0.037 instead of 0.010, AUROC 0.55 vs 0.62).
+    Always fp32, whatever the stages train in: scoring with bf16 autocast was faster
+    but moved the split enough to let the SIG backdoor through on one seed
+    (evidence: docs/results_dbd.md, Benchmark).
 
     With an enabled ``dist`` (a collective: every rank calls it) each rank scores its
     share ``idx[rank::world]`` with rank 0's BatchNorm statistics and the losses are
