@@ -84,6 +84,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def require_positive(where: str, **values: float) -> None:
+    """A clear error for the first of ``values`` that is not > 0 (``where.key must be > 0``)."""
+    for k, v in values.items():
+        if not v > 0:
+            raise UnbackdoorError(f"{where}.{k} must be > 0, got {v}")
+
+
 def load_config(cfg: T, path: str | os.PathLike | None, section: str | None = None) -> T:
     """Apply a YAML file's overrides to ``cfg`` (optionally only its ``section`` mapping)."""
     if path is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from unbackdoor.core.config import require_positive
 from unbackdoor.core.errors import UnbackdoorError, unknown_name
 from unbackdoor.data.augment import check_grating, check_patches
 from unbackdoor.training.engine import EngineOptions
@@ -36,7 +37,7 @@ class SimCLRConfig:
     grating_p: float = 0.5  # ... with this probability (dbd/stages.py)
 
     def validate(self) -> None:
-        _positive("simclr", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+        require_positive("simclr", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                   temperature=self.temperature, projection_dim=self.projection_dim)
         if self.batch_size < 2:
             raise UnbackdoorError(f"simclr.batch_size must be >= 2 (NT-Xent needs negatives), got {self.batch_size}")
@@ -85,7 +86,7 @@ class LinearConfig:
     epsilon: float = 0.5  # the high-credible fraction whose mean loss the gap ends at
 
     def validate(self) -> None:
-        _positive("linear", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, guard_patience=self.guard_patience,
+        require_positive("linear", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, guard_patience=self.guard_patience,
                   guard_min_epoch=self.guard_min_epoch)
         if self.guard not in GUARDS:
             raise unknown_name("stage-2 guard", self.guard, GUARDS)
@@ -151,7 +152,7 @@ class MixMatchConfig:
     patches: float = 0.5  # not in the paper: probability of random binary patches on an image (0: off; dbd/stages.py)
 
     def validate(self) -> None:
-        _positive("mixmatch", epochs=self.epochs, iterations=self.iterations, batch_size=self.batch_size,
+        require_positive("mixmatch", epochs=self.epochs, iterations=self.iterations, batch_size=self.batch_size,
                   lr=self.lr, temperature=self.temperature, alpha=self.alpha)
         _fraction("mixmatch.epsilon", self.epsilon)
         if not 0.0 <= self.class_floor <= self.epsilon:
@@ -164,7 +165,7 @@ class MixMatchConfig:
             raise UnbackdoorError(f"mixmatch.label_prior_gate must be in [0, 1], got {self.label_prior_gate}")
         if self.budget not in BUDGETS:
             raise unknown_name("stage-3 budget", self.budget, BUDGETS)
-        _positive("mixmatch", plateau_patience=self.plateau_patience, cooldown=self.cooldown)
+        require_positive("mixmatch", plateau_patience=self.plateau_patience, cooldown=self.cooldown)
         check_grating("mixmatch", self.grating, self.grating_p)
         check_patches("mixmatch", self.patches)
 
@@ -185,7 +186,7 @@ class DBDConfig:
         self.simclr.validate()
         self.linear.validate()
         self.mixmatch.validate()
-        _positive("dbd", eval_batch_size=self.eval_batch_size)
+        require_positive("dbd", eval_batch_size=self.eval_batch_size)
 
 
 def dbd_preset(name: str) -> DBDConfig:
@@ -202,12 +203,6 @@ def dbd_preset(name: str) -> DBDConfig:
             mixmatch=MixMatchConfig(epochs=40, iterations=200, rampup_epochs=4),
         )
     raise unknown_name("preset", name, PRESETS)
-
-
-def _positive(where: str, **values: float) -> None:
-    for k, v in values.items():
-        if not v > 0:
-            raise UnbackdoorError(f"{where}.{k} must be > 0, got {v}")
 
 
 def _fraction(where: str, v: float) -> None:
