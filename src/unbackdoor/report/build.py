@@ -335,15 +335,26 @@ class _Builder:
                                                                    "kept": int(kept.sum()), "removed": int((~kept).sum()),
                                                                    "poisoned_kept": int((kept & pois).sum())}
             label = run.label
-            blocks.append(Table(
-                ["Model", "Poisoned", "Removed", "Poisoned kept", "Precision", "Recall", "F1", "AUROC", "AP"],
-                [[Cell(label), Cell(str(sc["poisoned"]), sc["poisoned"]), Cell(str(int((~kept).sum())), int((~kept).sum())),
-                  Cell(str(int((kept & pois).sum())), int((kept & pois).sum()), "good" if not (kept & pois).any() else "bad"),
-                  Cell(num(sc["precision"]), sc["precision"]), Cell(num(sc["recall"]), sc["recall"],
-                                                                    "good" if sc["recall"] >= 0.99 else "warn"),
-                  Cell(num(sc["f1"]), sc["f1"]), Cell(num(auroc), auroc), Cell(num(ap), ap)]],
-                f"{label}'s final split as a detector: a sample it removes from its labelled data is flagged. "
-                "AUROC / AP rank samples by the loss recorded in its detection.csv.", name="detection"))
+
+            def row(name: str, flagged: np.ndarray) -> list:
+                r = detection_scores(torch.from_numpy(flagged), torch.from_numpy(pois))
+                missed = int((~flagged & pois).sum())
+                return [Cell(name), Cell(str(r["poisoned"]), r["poisoned"]), Cell(str(int(flagged.sum())), int(flagged.sum())),
+                        Cell(str(missed), missed, "good" if not missed else "bad"),
+                        Cell(num(r["precision"]), r["precision"]),
+                        Cell(num(r["recall"]), r["recall"], "good" if r["recall"] >= 0.99 else "warn"),
+                        Cell(num(r["f1"]), r["f1"]), Cell(num(auroc), auroc), Cell(num(ap), ap)]
+
+            rows = [row(label, ~kept)]
+            caption = (f"{label}'s final split as a detector: a sample it removes from its labelled data is flagged. "
+                       "AUROC / AP rank samples by the loss recorded in its detection.csv.")
+            if len(det.get("suspect", [])) == len(loss):
+                sus = np.asarray([str(v).strip() in ("1", "True", "true") for v in det["suspect"]], dtype=bool)
+                rows.append(row(f"{label}: suspects", sus))
+                caption += (" Suspects: the short list cut from the same losses without knowing the poison rate "
+                            "(a two-component mixture on the log losses; detection.json).")
+            blocks.append(Table(["Model", "Poisoned", "Removed", "Poisoned kept", "Precision", "Recall", "F1", "AUROC",
+                                 "AP"], rows, caption, name="detection"))
             png = figures.detection(loss, kept, pois)
             caption = ("Left: the final loss of every training sample; poisoned samples should sit on the right "
                        "(high loss), beyond the split. Middle: what the final split kept as labelled. Right: "

@@ -8,6 +8,7 @@ import io
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,16 +142,44 @@ def loss_auroc(losses: torch.Tensor, poisoned: torch.Tensor) -> float | None:
     return float(roc_auc_score(poisoned.numpy(), losses.numpy()))
 
 
-def detection_table(train: ImageDataset, split: Split) -> str:
-    """CSV text: index, label, loss, kept (1 = high-credible), and poisoned where known."""
+def suspicion_cut(losses: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A short list of suspects from the final losses, chosen without knowing the poison rate.
+
+    The split flags a fixed share by design (1 - epsilon of the data), far more than the
+    poisons. Here a two-component Gaussian mixture on the log losses flags the samples
+    more likely in the high-loss component, and only when that component is the
+    minority (a poisoned fraction is small) and clearly a second mode (Ashman's D > 2;
+    a unimodal ranking, as a clean-label attack leaves, flags nothing). Returns a bool
+    (N,) mask."""
+    from sklearn.mixture import GaussianMixture  # optional-heavy: only when a run ends
+
+    x = torch.log(losses.double().clamp_min(1e-8)).numpy().reshape(-1, 1)
+    if len(x) < 4 or float(x.std()) == 0.0:
+        return torch.zeros(len(x), dtype=torch.bool)
+    gmm = GaussianMixture(2, random_state=seed).fit(x)
+    m, sd = gmm.means_.ravel(), np.sqrt(gmm.covariances_.ravel())
+    if np.sqrt(2) * abs(m[0] - m[1]) / np.sqrt(sd[0] ** 2 + sd[1] ** 2) <= 2:  # Ashman's D: not two modes
+        return torch.zeros(len(x), dtype=torch.bool)
+    high = int(m.argmax())
+    flagged = torch.from_numpy(gmm.predict_proba(x)[:, high] > 0.5)
+    if int(flagged.sum()) * 2 > len(x):
+        return torch.zeros(len(x), dtype=torch.bool)
+    return flagged
+
+
+def detection_table(train: ImageDataset, split: Split, suspects: torch.Tensor | None = None) -> str:
+    """CSV text: index, label, loss, kept (1 = high-credible), suspect (the short list of
+    :func:`suspicion_cut`, where given) and poisoned where known."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     known = train.poisoned is not None
-    w.writerow(["index", "label", "loss", "kept"] + (["poisoned"] if known else []))
+    w.writerow(["index", "label", "loss", "kept"] + (["suspect"] if suspects is not None else [])
+               + (["poisoned"] if known else []))
     losses, kept, lab = split.losses.tolist(), split.kept.tolist(), train.labels.tolist()
     pois = train.poisoned.tolist() if known else None
+    sus = suspects.tolist() if suspects is not None else None
     for i in range(len(losses)):
-        row = [i, lab[i], f"{losses[i]:.6g}", int(kept[i])]
+        row = [i, lab[i], f"{losses[i]:.6g}", int(kept[i])] + ([int(sus[i])] if sus is not None else [])
         if known:
             row.append(int(pois[i]))
         w.writerow(row)

@@ -108,6 +108,7 @@ from unbackdoor.defenses.dbd.split import (
     knn_agreement,
     loss_auroc,
     split_by_loss,
+    suspicion_cut,
 )
 from unbackdoor.metrics import detection_scores, evaluate
 from unbackdoor.models.model_dir import last_linear, penultimate_features, save_model, unwrap
@@ -644,8 +645,13 @@ def run_dbd(
             detection["auroc"] = loss_auroc(split.losses, train.poisoned)
             detection["after_stage2"] = {**detection_scores(~split2.kept, train.poisoned),
                                          "auroc": loss_auroc(split2.losses, train.poisoned)}
+        suspects = suspicion_cut(split.losses, seed=cfg.seed)  # a short list, without knowing the poison rate
+        detection["suspects"] = {"n_flagged": int(suspects.sum()), "rule": "two-component mixture on log losses"}
+        if train.poisoned is not None:
+            detection["suspects"].update(detection_scores(suspects, train.poisoned))
         metrics["detection"] = dict(detection)
         detection["flagged_indices"] = torch.nonzero(~split.kept).flatten().tolist()
+        detection["suspect_indices"] = torch.nonzero(suspects).flatten().tolist()
         metrics["seconds"] = {"simclr": round(s1.seconds, 2), "linear": round(s2.seconds, 2),
                               "mixmatch": round(s3.seconds, 2), "total": round(s1.seconds + s2.seconds + s3.seconds, 2),
                               "this_run": round(time.perf_counter() - t0, 2)}
@@ -661,7 +667,7 @@ def run_dbd(
             else:
                 with atomic_path(out / "model.safetensors") as tmp:
                     save_file({k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}, str(tmp))
-            write_text(out / layout.DETECTION_CSV, detection_table(train, split))
+            write_text(out / layout.DETECTION_CSV, detection_table(train, split, suspects))
             write_json(out / layout.DETECTION_JSON, detection)
             write_json(out / layout.HISTORY, history)
             write_json(out / layout.METRICS, metrics)
