@@ -97,6 +97,8 @@ class Defense:
 
     def run(self, inputs: DefenseInputs, cfg: Any, out_dir: str | os.PathLike, *, resume: bool = False,
             force: bool = False, progress: Progress | None = None) -> DefenseResult:
+        """Run the defense and write ``out_dir`` (model directory, metrics.json last). Every
+        subclass implements it; the base class has no defense of its own to run."""
         raise NotImplementedError
 
     @property
