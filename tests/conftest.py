@@ -18,6 +18,8 @@ from unbackdoor.data.splits import Splits, stratified_split
 from unbackdoor.training.engine import EngineOptions
 from unbackdoor.training.fit import TrainConfig
 
+FP32 = EngineOptions(device="cpu", precision="fp32", progress=False)  # reproducible: no measured precision
+
 
 def _isolate_cache(root: Path) -> None:
     # The precision probe caches its result under UNBACKDOOR_CACHE (default ~/.cache):
@@ -122,3 +124,19 @@ def cli():
     """``cli(*args)`` runs ``python -m unbackdoor`` in a subprocess and returns the CompletedProcess."""
     return run_cli
 
+
+
+@pytest.fixture(scope="session")
+def digits_attacked(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An experiment folder on scikit-learn's digits: BadNets data (10%, target 0) and the
+    backdoored cnn-small trained on it (15 epochs, fp32; ASR > 0.9), no defense yet. Tests
+    of post-training defenses add their own: ``run_experiment(folder, ExperimentSpec(
+    dataset="digits", defenses=(NAME,)), engine=FP32, configs={"train": TrainConfig(epochs=15)})``
+    re-uses the data and the model. Do not modify data/ or undefended/."""
+    from unbackdoor.experiment.run import run_experiment
+    from unbackdoor.experiment.spec import ExperimentSpec
+
+    out = tmp_path_factory.mktemp("digits-attacked") / "x"
+    run_experiment(out, ExperimentSpec(dataset="digits", defenses=()), engine=FP32,
+                   configs={"train": TrainConfig(epochs=15)}, report=False)
+    return out

@@ -4,23 +4,23 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import FP32
 
 from unbackdoor.cli.main import main as cli
 from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.defenses import get_defense
+from unbackdoor.defenses.ft import FTConfig
 from unbackdoor.experiment.run import run_experiment
 from unbackdoor.experiment.spec import ExperimentSpec
-from unbackdoor.training.engine import EngineOptions
 from unbackdoor.training.fit import TrainConfig
-
-FP32 = EngineOptions(device="cpu", precision="fp32", progress=False)
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ft") / "x"
+def experiment(digits_attacked):
+    out = digits_attacked
     res = run_experiment(out, ExperimentSpec(dataset="digits", defenses=("ft",)), engine=FP32,
-                         configs={"train": TrainConfig(epochs=15)}, report=False)
+                         configs={"train": TrainConfig(epochs=15), "ft": FTConfig(steps=300, batch_size=64)},
+                         report=False)
     return out, {r["label"]: r for r in res["rows"]}
 
 

@@ -36,7 +36,7 @@ from unbackdoor.report.features import (
 from unbackdoor.report.render import render_html, render_markdown
 from unbackdoor.report.runs import DataRun, ModelRun, discover, read_detection, role_order, sort_runs
 
-TABLE_COLUMNS = ["Model", "Clean accuracy", "ASR", "Robust accuracy", "DER", "Time", "Run"]
+TABLE_COLUMNS = ["Model", "Clean accuracy", "ASR", "Robust accuracy", "DER", "Labelled clean images", "Time", "Run"]
 MAX_EMBED_PANELS = 4
 N_EXAMPLES = 6
 
@@ -149,8 +149,9 @@ def model_row(run: ModelRun, undefended: ModelRun | None) -> dict[str, Any]:
             d = der_score(base["clean_accuracy"], base["attack_success_rate"], f["clean_accuracy"], f["attack_success_rate"])
         elif isinstance(run.metrics.get("der"), (int, float)):
             d = float(run.metrics["der"])
+    n_lab = run.metrics.get("n_labelled")
     return {"label": run.label, "role": run.role, "run_dir": str(run.path), **f, "der": d,
-            "seconds": run.seconds}
+            "seconds": run.seconds, "n_labelled": n_lab if isinstance(n_lab, int) else None}
 
 
 def der_tone(d: float | None) -> str:
@@ -166,6 +167,7 @@ def _table_for(rows: list[dict], root: Path, caption: str = "") -> Table:
             Cell(pct(r["attack_success_rate"]), r["attack_success_rate"], asr_tone(r["attack_success_rate"])),
             Cell(pct(r["robust_accuracy"]), r["robust_accuracy"]),
             Cell(num(r["der"]), r["der"], der_tone(r["der"])),
+            Cell("—" if not r.get("n_labelled") else str(r["n_labelled"]), r.get("n_labelled")),
             Cell(_fmt_seconds(r["seconds"]), r["seconds"]),
             Cell(_rel(Path(r["run_dir"]), root)),
         ])
@@ -307,12 +309,13 @@ class _Builder:
             except (OSError, ValueError, KeyError) as e:
                 blocks.append(Note(f"{_rel(f, self.root)}: unreadable ({e})", "warn"))
                 continue
-            if not det["loss"] or not det["kept"]:
-                blocks.append(Note(f"{_rel(f, self.root)} lacks the 'loss' or 'kept' column", "warn"))
+            col = "score" if det.get("score") else "loss"  # a detector's suspicion, or DBD's loss (high = suspicious)
+            if not det[col] or not det["kept"]:
+                blocks.append(Note(f"{_rel(f, self.root)} lacks the 'loss' (or 'score') or 'kept' column", "warn"))
                 continue
             train = train if train is not None else g.dataset("train")
-            idx = np.asarray(det["index"] if det["index"] else np.arange(len(det["loss"])), dtype=np.int64)
-            loss = np.asarray(det["loss"], dtype=np.float64)
+            idx = np.asarray(det["index"] if det["index"] else np.arange(len(det[col])), dtype=np.int64)
+            loss = np.asarray(det[col], dtype=np.float64)
             kept = np.asarray(det["kept"], dtype=bool)
             if train is not None and train.poisoned is not None:
                 if idx.max(initial=-1) >= len(train):
@@ -346,8 +349,12 @@ class _Builder:
                         Cell(num(r["f1"]), r["f1"]), Cell(num(auroc), auroc), Cell(num(ap), ap)]
 
             rows = [row(label, ~kept)]
-            caption = (f"{label}'s final split as a detector: a sample it removes from its labelled data is flagged. "
-                       "AUROC / AP rank samples by the loss recorded in its detection.csv.")
+            if col == "score":
+                caption = (f"{label}'s filter as a detector: a sample it removes before retraining is flagged. "
+                           f"AUROC / AP rank samples by {label}'s suspicion score recorded in its detection.csv.")
+            else:
+                caption = (f"{label}'s final split as a detector: a sample it removes from its labelled data is "
+                           "flagged. AUROC / AP rank samples by the loss recorded in its detection.csv.")
             if len(det.get("suspect", [])) == len(loss):
                 sus = np.asarray([str(v).strip() in ("1", "True", "true") for v in det["suspect"]], dtype=bool)
                 rows.append(row(f"{label}: suspects", sus))
@@ -355,10 +362,17 @@ class _Builder:
                             "(a two-component mixture on the log losses; detection.json).")
             blocks.append(Table(["Model", "Poisoned", "Removed", "Poisoned kept", "Precision", "Recall", "F1", "AUROC",
                                  "AP"], rows, caption, name="detection"))
-            png = figures.detection(loss, kept, pois)
-            caption = ("Left: the final loss of every training sample; poisoned samples should sit on the right "
-                       "(high loss), beyond the split. Middle: what the final split kept as labelled. Right: "
-                       "precision–recall of the loss as a poison score.")
+            if col == "score":
+                png = figures.detection(loss, kept, pois, score_name=f"{label}'s suspicion score",
+                                        split=("kept (retrained on)", "removed"), split_title=f"{label}'s filter")
+                caption = (f"Left: {label}'s suspicion score of every training sample; poisoned samples should sit "
+                           f"on the right (high score; {label} cuts each class on its own). Middle: what {label} kept "
+                           "to retrain on. Right: precision–recall of the score as a poison score.")
+            else:
+                png = figures.detection(loss, kept, pois)
+                caption = ("Left: the final loss of every training sample; poisoned samples should sit on the right "
+                           "(high loss), beyond the split. Middle: what the final split kept as labelled. Right: "
+                           "precision–recall of the loss as a poison score.")
             blocks.append(self.fig(f"{g.key}-{run.path.name}-detection", png,
                                    alt=f"{label}: detection of poisoned samples", caption=caption))
         return blocks

@@ -107,11 +107,15 @@ def accuracy_vs_asr(points: Sequence[dict], roles: Sequence[str] = ()) -> bytes:
 
 
 # ---------------------------------------------------------------------------- DBD detection
-def detection(loss: np.ndarray, kept: np.ndarray, poisoned: np.ndarray) -> bytes:
+def detection(loss: np.ndarray, kept: np.ndarray, poisoned: np.ndarray, *, score_name: str | None = None,
+              split: tuple[str, str] = ("kept (labelled)", "removed (unlabeled)"),
+              split_title: str = "Final split") -> bytes:
     """Three panels: stage-3 loss histogram (poisoned vs clean), the kept/removed split,
     and the precision-recall curve of the loss as a poison score.
 
     loss: float (N,); kept: bool (N,) (DBD's high-credible, labelled half); poisoned: bool (N,).
+    A detector's suspicion score (high = suspicious) in place of DBD's loss: ``score_name`` names
+    it, ``split`` / ``split_title`` what its kept and removed samples are.
     """
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
@@ -133,13 +137,13 @@ def detection(loss: np.ndarray, kept: np.ndarray, poisoned: np.ndarray) -> bytes
         a1.annotate("kept | removed", (thr, 1), xycoords=("data", "axes fraction"), xytext=(0, -2),
                     textcoords="offset points", ha="center", va="top", fontsize=7.5, color=INK)
     a1.set_yscale("log")
-    a1.set_xlabel("stage-3 loss (symmetric cross-entropy)")
+    a1.set_xlabel(score_name or "stage-3 loss (symmetric cross-entropy)")
     a1.set_ylabel("samples")
-    a1.set_title("Loss of each training sample", fontsize=10)
+    a1.set_title("Score of each training sample" if score_name else "Loss of each training sample", fontsize=10)
     a1.legend(fontsize=7.5, frameon=False)
     _style(a1)
 
-    cats = ["kept (labelled)", "removed (unlabeled)"]
+    cats = list(split)
     clean_counts = [int((kept & ~poisoned).sum()), int((~kept & ~poisoned).sum())]
     pois_counts = [int((kept & poisoned).sum()), int((~kept & poisoned).sum())]
     y = np.arange(2)
@@ -152,18 +156,20 @@ def detection(loss: np.ndarray, kept: np.ndarray, poisoned: np.ndarray) -> bytes
     a2.invert_yaxis()
     a2.set_xlim(0, max(1, max(c + p for c, p in zip(clean_counts, pois_counts))) * 1.9)
     a2.set_xlabel("samples")
-    a2.set_title("Final split", fontsize=10)
+    a2.set_title(split_title, fontsize=10)
     _style(a2)
 
     if poisoned.any() and (~poisoned).any():
         prec, rec, _ = precision_recall_curve(poisoned, loss)
         ap = average_precision_score(poisoned, loss)
-        a3.plot(rec, prec, color=POISON_COLOR, linewidth=2, label=f"loss as score (AP {ap:.3f})")
+        what = "score" if score_name else "loss as score"
+        a3.plot(rec, prec, color=POISON_COLOR, linewidth=2, label=f"{what} (AP {ap:.3f})")
         a3.axhline(poisoned.mean(), color=MUTED, linestyle=":", linewidth=1, label=f"chance ({poisoned.mean():.2f})")
         flagged = ~kept
         tp = int((flagged & poisoned).sum())
         if flagged.any():
-            a3.scatter([tp / poisoned.sum()], [tp / flagged.sum()], color=INK, zorder=4, s=30, label="the split")
+            a3.scatter([tp / poisoned.sum()], [tp / flagged.sum()], color=INK, zorder=4, s=30,
+                       label="the cut" if score_name else "the split")
         a3.legend(fontsize=7.5, frameon=False, loc="lower left")
     else:
         a3.text(0.5, 0.5, "no poisoned samples\nin this training set", ha="center", va="center", color=MUTED,

@@ -140,7 +140,8 @@ def _read_yaml_safe(p: Path) -> dict:
 
 
 def read_detection(path: str | os.PathLike) -> dict[str, list]:
-    """DBD's ``detection.csv`` as columns: index (int), label (int), loss (float), kept (bool).
+    """A ``detection.csv`` as columns: index (int), label (int), loss (float: DBD's final loss) or
+    score (float: a detector's suspicion, Spectral's or AC's), kept (bool); both rank high = suspicious.
 
     Unknown extra columns are kept as strings; a missing column is an empty list.
     """
@@ -155,7 +156,7 @@ def read_detection(path: str | os.PathLike) -> dict[str, list]:
                 cols.setdefault(k, [])
                 if k in ("index", "label"):
                     cols[k].append(int(float(v)))
-                elif k == "loss":
+                elif k in ("loss", "score"):
                     cols[k].append(float(v))
                 elif k == "kept":
                     cols[k].append(str(v).strip().lower() in ("1", "true", "yes", "t", "kept"))

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from unbackdoor.training.device import Precision, pick_device, resolve_precision
 from unbackdoor.training.distributed import DistContext, current_context
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "drop")
 
 
 def make_optimizer(params, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -36,11 +36,13 @@ def make_optimizer(params, name: str, lr: float, momentum: float = 0.9, weight_d
 
 
 def make_scheduler(opt: torch.optim.Optimizer, name: str, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule: cosine from the base lr to 0 over ``total_steps``, or constant."""
+    """Per-step schedule: cosine from the base lr to 0 over ``total_steps``, constant, or ``drop``."""
     if name == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(1, total_steps))))
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    if name == "drop":  # NAD's authors: the base lr for the first tenth of training, then a tenth of it
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 0.1 * total_steps else 0.1)
     raise UnbackdoorError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
 
 
@@ -119,15 +121,21 @@ class Engine:
                 yield chunk[:local] if self.dist.enabled else chunk
 
     # ------------------------------------------------------------------ step
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor, before_update: Callable[[], None] | None = None) -> None:
+        """Backward ``loss`` and take one optimiser (and scheduler) step; ``before_update`` runs
+        between the backward and the update (SAM puts the weights back there)."""
         assert self.optimizer is not None, "call set_optimizer first"
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            if before_update is not None:
+                before_update()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            if before_update is not None:
+                before_update()
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()

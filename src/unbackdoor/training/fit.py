@@ -15,6 +15,15 @@ from unbackdoor.data.augment import WeakAugment
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.training.engine import Engine, EngineOptions, checkpoint_precision
 from unbackdoor.training.loop import Epoch, run_epochs
+from unbackdoor.training.sam import SAMSettings, sam_step
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default objective: cross-entropy of ``model(x)`` (computed in fp32) and the logits."""
+    out = model(x)
+    return F.cross_entropy(out.float(), y), out
 
 
 @dataclass
@@ -49,6 +58,10 @@ def fit(
     resume: bool = False,
     evaluate: Callable[[nn.Module], dict] | None = None,
     desc: str = "train",
+    objective: Objective | None = None,
+    sam: SAMSettings | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    settings: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` with cross-entropy on ``train``.
 
@@ -58,6 +71,12 @@ def fit(
         checkpoint: file written atomically after every epoch; with ``resume``
             an existing checkpoint is loaded and training continues after it.
         evaluate: called on the model after each epoch (rank 0); its dict joins the history.
+        objective: ``(model, x, y) -> (loss, logits)`` in place of cross-entropy (a fine-tuning
+            defense's loss: distillation terms, label smoothing, ...).
+        sam: take sharpness-aware steps (:func:`~unbackdoor.training.sam.sam_step`).
+        after_step: called with the model after every optimiser step (e.g. to keep pruned
+            weights at zero).
+        settings: more settings a resumed run must share (a defense's own), beside ``cfg``'s.
     Returns the trained model (on the engine's device, eval mode) and per-epoch history.
     """
     cfg = cfg or TrainConfig()
@@ -68,6 +87,7 @@ def fit(
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     eng.set_optimizer(eng.model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
                       cfg.schedule, cfg.epochs * steps_per_epoch)
+    loss_of = objective or cross_entropy
     images = train.images.to(eng.device)
     labels = train.labels.to(eng.device)
     aug = WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False))) if cfg.augment else None
@@ -82,10 +102,19 @@ def fit(
             if aug is not None:
                 x = aug(x, ep.gen)
             y = labels[idx]
-            with eng.autocast():
-                out = eng.train_model(eng.input(x))
-                loss = F.cross_entropy(out.float(), y)
-            eng.step(loss)
+            xb = eng.input(x)
+
+            def closure() -> tuple[torch.Tensor, torch.Tensor]:
+                with eng.autocast():
+                    return loss_of(eng.train_model, xb, y)
+
+            if sam is not None:
+                loss, out = sam_step(eng, closure, sam)
+            else:
+                loss, out = closure()
+                eng.step(loss)
+            if after_step is not None:
+                after_step(eng.model)
             tot_loss += loss.detach() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
@@ -94,8 +123,9 @@ def fit(
         return {"loss": float(stats[0] / stats[2]), "train_accuracy": float(stats[1] / stats[2]),
                 "lr": eng.optimizer.param_groups[0]["lr"], "images_per_second": bar.images_per_second}
 
+    run_settings = asdict(cfg) | (settings or {}) | ({"sam": asdict(sam)} if sam is not None else {})
     t_start = time.perf_counter()
-    history = run_epochs(eng, one_epoch, epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, settings=asdict(cfg),
+    history = run_epochs(eng, one_epoch, epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, settings=run_settings,
                          desc=desc, summary=("loss", "train_accuracy", "clean_accuracy", "attack_success_rate"),
                          evaluate=evaluate)
     eng.model.eval()
