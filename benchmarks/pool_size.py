@@ -8,7 +8,8 @@ the pool shrinks?
 class-stratified subset (seed 0) of the sweep's 500 clean held-out images, the same
 images for every defense: BCU gets them without labels, the baselines with. Every run
 is a real ``unbackdoor <defense> --preset quick`` (budgets in optimiser steps, the same
-for every pool size). A finished run is reused unless ``--force``. Writes
+for every pool size); at the whole pool (500) the sweep's own cell is that run and is
+reused. A finished run is reused unless ``--force``. Writes
 ``OUT/pool_size.json``, ``OUT/pool_size.md`` (the table) and ``OUT/pool_size.png``
 (BA and ASR against the pool size, one panel pair per attack).
 """
@@ -92,8 +93,11 @@ def main() -> None:
                                           "attack_success_rate": und["attack_success_rate"]}}
         for size in sizes:
             pool = pool_file(src / "data", size, out)
+            whole = size >= len(load_data(src / "data").heldout)
             for name in defenses:
-                r = run_one(name, src, pool, out / f"{attack}_{name}_{size}", args.force)
+                # The whole held-out pool is what the sweep's own cell used: reuse that run.
+                run = src / name if whole and (src / name / "metrics.json").is_file() else out / f"{attack}_{name}_{size}"
+                r = run_one(name, src, pool, run, args.force and run.parent == out)
                 results[attack].setdefault(name, {})[str(size)] = r
                 print(f"{attack} {name} pool {size}: BA {r['clean_accuracy']:.3f} ASR {r['attack_success_rate']:.3f} "
                       f"({r['seconds']} s)", flush=True)

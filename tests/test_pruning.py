@@ -17,6 +17,7 @@ from unbackdoor.defenses.anp import ANPConfig
 from unbackdoor.defenses.fine_pruning import FPConfig
 from unbackdoor.experiment.run import run_experiment
 from unbackdoor.experiment.spec import ExperimentSpec
+from unbackdoor.metrics import evaluate
 from unbackdoor.models.base import Classifier
 from unbackdoor.models.model_dir import load_model
 from unbackdoor.training.engine import EngineOptions
@@ -24,9 +25,10 @@ from unbackdoor.training.fit import TrainConfig
 
 FP32 = EngineOptions(device="cpu", precision="fp32", progress=False)
 # Small budgets (the suite runs on 2 CPU cores): FP fine-tunes 10 epochs (20 steps on the
-# 179 held-out images); ANP takes 100 mask steps at batch 64 instead of 2000 at 128.
+# 179 held-out images); ANP takes 100 mask steps at batch 64 instead of 2000 at 128 (its
+# quick preset: the ranking has settled by then, see anp_preset).
 FP_SMALL = FPConfig(epochs=10, batch_size=64)
-ANP_SMALL = ANPConfig(iterations=100, iterations_per_epoch=50, batch_size=64)
+ANP_SMALL = ANPConfig(iterations=100, iterations_per_epoch=25, batch_size=64)
 
 
 def _run(folder, name, cfg):
@@ -122,13 +124,33 @@ def test_anp_prunes_the_neurons_whose_mask_is_below_the_threshold(digits_attacke
     assert all(0 <= v <= 1 for vs in masks["masks"].values() for v in vs)
 
 
-def test_anp_on_the_digits_backdoor(anp_run):
+def test_anp_on_the_digits_backdoor(digits_attacked, anp_run):
     rows, m = anp_run
     und, anp = rows["undefended"], rows["anp"]
-    hist = m["pruning"]
-    # ANP_MEASURED
-    assert anp["clean_accuracy"] >= und["clean_accuracy"] - 0.03
-    assert hist["n_pruned"] > 0
+    # With the paper's threshold (0.2) ANP prunes only a few of cnn-small's 112 neurons here
+    # (measured: 3) and the backdoor survives (ASR 1.0 -> 0.97, clean accuracy 0.994 -> 0.992):
+    # on this tiny model the masks of most backdoor neurons stop between 0.2 and 0.7.
+    assert 0 < m["pruning"]["n_pruned"] <= 10
+    assert anp["clean_accuracy"] >= und["clean_accuracy"] - 0.01
+    assert anp["attack_success_rate"] < und["attack_success_rate"]
+    # The masks do rank the backdoor neurons first (the paper's claim): pruning those with a
+    # mask <= 0.7 (measured: 8) cuts ASR to 0.59 at clean accuracy 0.972, while pruning as many
+    # of the highest-mask neurons leaves it at 1.0.
+    data = load_data(digits_attacked / "data")
+    masks = json.loads((digits_attacked / "anp" / "mask_values.json").read_text())["masks"]
+    ranked = sorted((v, name, i) for name, vs in masks.items() for i, v in enumerate(vs))
+    low = [(name, i) for v, name, i in ranked if v <= 0.7]
+    high = [(name, i) for _, name, i in ranked[::-1][: len(low)]]
+    res = {}
+    for label, chosen in (("low", low), ("high", high)):
+        model = load_model(digits_attacked / "undefended")
+        with torch.no_grad():
+            for name, i in chosen:
+                model.get_submodule(name).weight[i] = 0
+        res[label] = evaluate(model, data.test, data.attack)
+    assert 3 <= len(low) <= 20
+    assert res["low"]["attack_success_rate"] < 0.75 and res["low"]["clean_accuracy"] >= und["clean_accuracy"] - 0.05
+    assert res["high"]["attack_success_rate"] > 0.9
 
 
 def test_pruning_defenses_refuse_bad_input(digits_attacked, tmp_path, capsys):
