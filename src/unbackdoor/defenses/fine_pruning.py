@@ -67,7 +67,14 @@ from unbackdoor.core.errors import UnbackdoorError, unknown_name
 from unbackdoor.core.files import read_json, write_json
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.defenses.base import DefenseInputs, register_defense
-from unbackdoor.defenses.posttrain import Defended, FineTuneConfig, PostTrainingDefense, fine_tune_settings, measure
+from unbackdoor.defenses.posttrain import (
+    QUICK_STEPS,
+    Defended,
+    FineTuneConfig,
+    PostTrainingDefense,
+    fine_tune_settings,
+    measure,
+)
 from unbackdoor.metrics import accuracy, predict
 from unbackdoor.training.device import pick_device
 from unbackdoor.training.fit import fit
@@ -97,13 +104,13 @@ class FPConfig(FineTuneConfig):
 
 
 def fp_preset(name: str) -> FPConfig:
-    """``paper``: BackdoorBench's settings; ``quick``: FT's quick fine-tuning (30 epochs at
-    batch 64) after the same pruning rule: the pruning search is at most 64 evaluations of
+    """``paper``: BackdoorBench's settings; ``quick``: FT's quick fine-tuning (1,000 optimiser
+    steps at batch 64, :data:`~unbackdoor.defenses.posttrain.QUICK_STEPS`) after the same pruning rule: the pruning search is at most 64 evaluations of
     the pool on cnn-small (seconds), so 500 images on 2 CPU cores take well under a minute."""
     if name == "paper":
         return FPConfig()
     if name == "quick":
-        return FPConfig(epochs=30, batch_size=64)
+        return FPConfig(steps=QUICK_STEPS, batch_size=64)
     raise unknown_name("preset", name, ("paper", "quick"))
 
 
