@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from unbackdoor import metrics
 from unbackdoor.core import layout
 from unbackdoor.defenses import defense_names, get_defense
 
@@ -24,11 +25,14 @@ def _read(p: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def _cell(m: dict | None) -> str:
+def _cell(m: dict | None, und: dict | None) -> str:
     if m is None or not m.get("final"):
         return "— | — | — | — | —"
     f = m["final"]
     der = m.get("der")
+    if der is None and und and und.get("final"):  # a defense that trains from scratch (DBD)
+        u = und["final"]
+        der = metrics.der(u["clean_accuracy"], u["attack_success_rate"], f["clean_accuracy"], f["attack_success_rate"])
     secs = (m.get("seconds") or {}).get("total") if isinstance(m.get("seconds"), dict) else m.get("seconds")
     return (f"{f['clean_accuracy']:.3f} | {f['attack_success_rate']:.3f} | {f.get('robust_accuracy', float('nan')):.3f} | "
             f"{'—' if der is None else f'{der:.3f}'} | {'—' if secs is None else f'{secs:.0f}'}")
@@ -54,7 +58,7 @@ def main() -> None:
             label = "Undefended" if n == layout.UNDEFENDED_DIR else get_defense(n).label
             labels = "—" if n == layout.UNDEFENDED_DIR else str(next(
                 (m.get("n_labelled") for m in ms if m and m.get("n_labelled")), 0))
-            print(f"| {a} | {label} | {labels} | " + " | ".join(_cell(m) for m in ms) + " |")
+            print(f"| {a} | {label} | {labels} | " + " | ".join(_cell(m, None if n == layout.UNDEFENDED_DIR else _read(r / a / layout.UNDEFENDED_DIR)) for m, r in zip(ms, roots)) + " |")
     if not args.detection:
         return
     print()

@@ -171,10 +171,8 @@ class ActivationClustering(FilterDefense):
         return {"nb_dims": cfg.nb_dims, "reduce": cfg.reduce, "size_threshold": cfg.size_threshold}
 
     def describe(self, cfg: ACConfig, inputs: DefenseInputs) -> str:
-        rt = cfg.retrain
-        length = f"≥{rt.steps} steps" if rt.steps is not None else f"{rt.epochs} epochs"
         return (f"2-means per class on {cfg.nb_dims} {cfg.reduce.upper()} components, drop a cluster under "
-                f"{cfg.size_threshold:.0%} of its class, retrain {length}")
+                f"{cfg.size_threshold:.0%} of its class, retrain {cfg.retrain.length()}")
 
     def flag(self, feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ACConfig) -> Flags:
         return ac_flag(feats, labels, num_classes, cfg.nb_dims, cfg.reduce, cfg.size_threshold, cfg.seed)

@@ -78,6 +78,10 @@ class RetrainConfig:
         per_epoch = max(1, n_kept // min(self.batch_size, max(1, n_kept)))
         return max(self.epochs, math.ceil(self.steps / per_epoch))
 
+    def length(self) -> str:
+        """The retraining's length as a user reads it."""
+        return f"≥{self.steps} steps" if self.steps is not None else f"{self.epochs} epochs"
+
 
 def quick_retrain() -> RetrainConfig:
     """The undefended model's training in the experiment (``TrainConfig`` defaults, at least

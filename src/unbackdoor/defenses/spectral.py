@@ -151,10 +151,8 @@ class Spectral(FilterDefense):
         return {"epsilon": cfg.epsilon, "removal_factor": cfg.removal_factor, "centred": cfg.centred}
 
     def describe(self, cfg: SpectralConfig, inputs: DefenseInputs) -> str:
-        rt = cfg.retrain
-        length = f"≥{rt.steps} steps" if rt.steps is not None else f"{rt.epochs} epochs"
         return (f"remove the top {cfg.removal_factor * cfg.epsilon:.0%} of each class by spectral score, "
-                f"retrain {length}")
+                f"retrain {cfg.retrain.length()}")
 
     def flag(self, feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: SpectralConfig) -> Flags:
         return spectral_flag(feats, labels, num_classes, cfg.epsilon, cfg.removal_factor, cfg.centred)
