@@ -255,7 +255,7 @@ class AdversarialNeuronPruning(PostTrainingDefense):
     history_stage = "mask optimisation"
 
     def describe(self, cfg: ANPConfig, inputs: DefenseInputs) -> str:
-        n = len(inputs.clean) if inputs.clean is not None else 0
+        n = self.pool_size(inputs)
         return (f"optimise neuron masks {cfg.iterations} steps on {n} labelled clean images, prune masks "
                 f"<= {cfg.threshold}")
 

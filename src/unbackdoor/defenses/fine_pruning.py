@@ -233,7 +233,7 @@ class FinePruning(PostTrainingDefense):
     history_stage = "fine-tuning"
 
     def describe(self, cfg: FPConfig, inputs: DefenseInputs) -> str:
-        n = len(inputs.clean) if inputs.clean is not None else 0
+        n = self.pool_size(inputs)
         return (f"prune the last conv layer within {cfg.acc_ratio:.0%} of the clean accuracy, then fine-tune "
                 f"{cfg.epochs} epochs on {n} labelled clean images")
 

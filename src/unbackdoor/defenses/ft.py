@@ -48,7 +48,7 @@ class FineTuning(PostTrainingDefense):
     history_stage = "fine-tuning"
 
     def describe(self, cfg: FTConfig, inputs: DefenseInputs) -> str:
-        n = len(inputs.clean) if inputs.clean is not None else 0
+        n = self.pool_size(inputs)
         return f"fine-tune the undefended model {cfg.epochs} epochs on {n} labelled clean images"
 
     def defend(self, model: nn.Module, inputs: DefenseInputs, cfg: FTConfig, out: Path, resume: bool) -> Defended:

@@ -74,7 +74,7 @@ class FTSAM(PostTrainingDefense):
     history_stage = "fine-tuning"
 
     def describe(self, cfg: FTSAMConfig, inputs: DefenseInputs) -> str:
-        n = len(inputs.clean) if inputs.clean is not None else 0
+        n = self.pool_size(inputs)
         return f"fine-tune with {'adaptive ' if cfg.adaptive else ''}SAM (rho {cfg.rho}) {cfg.epochs} ep on {n} labelled clean images"
 
     def defend(self, model: nn.Module, inputs: DefenseInputs, cfg: FTSAMConfig, out: Path, resume: bool) -> Defended:

@@ -149,7 +149,7 @@ class NAD(PostTrainingDefense):
                    "with config.yaml, history.json (teacher, student), teacher.pt, checkpoint.pt and metrics.json.")
 
     def describe(self, cfg: NADConfig, inputs: DefenseInputs) -> str:
-        n = len(inputs.clean) if inputs.clean is not None else 0
+        n = self.pool_size(inputs)
         return (f"teacher {cfg.teacher_epochs} ep, then attention distillation {cfg.epochs} ep on "
                 f"{n} labelled clean images")
 

@@ -98,6 +98,11 @@ class PostTrainingDefense(Defense):
     def pool(self, inputs: DefenseInputs) -> ImageDataset:
         return getattr(inputs, self.pool_input)
 
+    def pool_size(self, inputs: DefenseInputs) -> int:
+        """How many pool images ``inputs`` holds (0 where none is given), for ``describe``."""
+        pool = self.pool(inputs)
+        return len(pool) if pool is not None else 0
+
     def defend(self, model: nn.Module, inputs: DefenseInputs, cfg: Any, out: Path, resume: bool) -> Defended:
         """Defend ``model`` (a copy of the suspicious model, free to change); checkpoints go in
         ``out``. Every subclass implements it."""
