@@ -44,7 +44,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_yaml(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, yaml.safe_dump(_plain(obj), sort_keys=False))
+    write_text(path, yaml.safe_dump(plain(obj), sort_keys=False))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -92,12 +92,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def _plain(obj: Any) -> Any:
-    """Turn tuples/Paths/numpy scalars into YAML-safe plain values."""
+def plain(obj: Any) -> Any:
+    """Tuples, Paths and numpy scalars (nested in dicts and lists) as YAML / JSON-safe plain values."""
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):

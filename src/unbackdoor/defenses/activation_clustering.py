@@ -45,15 +45,14 @@ sub-style of one other class (23 of class 9) (tests/test_detectors.py).
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from unbackdoor.core.config import require_positive
 from unbackdoor.core.errors import UnbackdoorError, unknown_name
-from unbackdoor.defenses.base import DefenseInputs, register_defense
+from unbackdoor.defenses.base import DefenseInputs, Flag, register_defense
 from unbackdoor.defenses.filtering import FilterDefense, Flags, RetrainConfig, class_indices, quick_retrain
 from unbackdoor.training.engine import EngineOptions
 
@@ -79,7 +78,7 @@ class ACConfig:
         if not 0.0 < self.size_threshold <= 0.5:
             raise UnbackdoorError(f"ac.size_threshold must be in (0, 0.5] (the smaller of two clusters holds at most "
                                   f"half of its class), got {self.size_threshold}")
-        self.retrain.validate("ac")
+        self.retrain.validate_optim("ac.retrain")
 
 
 def ac_preset(name: str) -> ACConfig:
@@ -141,38 +140,25 @@ def ac_flag(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, nb_dims
 
 
 class ActivationClustering(FilterDefense):
+    """Activation Clustering (Chen et al., 2018): per class, reduce the suspicious model's penultimate features
+    to 10 components (PCA as BackdoorBench; --reduce ica: the paper's FastICA), split them with 2-means and
+    remove the smaller cluster when it holds less than 35% of the class (the paper's relative size), then
+    retrain a fresh model on the rest (BackdoorBench's settings: SGD lr 0.01, cosine, 100 epochs, batch
+    256). Writes the model directory at OUT with config.yaml, detection.csv/.json, history.json,
+    checkpoint.pt and metrics.json."""
+
     name, label, config_type = "ac", "AC", ACConfig
     preset_of = staticmethod(ac_preset)
     rule = "per class, 2-means on reduced activations; the smaller cluster if below size_threshold of the class"
+    setting_keys = ("nb_dims", "reduce", "size_threshold")
+    flags = (Flag("--size-threshold", "flag the smaller cluster below this share of its class (default 0.35, the "
+                  "paper's; 0.5: always the smaller one, as BackdoorBench)", float),
+             Flag("--reduce", "dimensionality reduction (default pca)", choices=REDUCTIONS), *FilterDefense.flags)
     summary = "Activation Clustering: drop a small second cluster of each class's activations, retrain"
-    description = (
-        "Activation Clustering (Chen et al., 2018): per class, reduce the suspicious model's penultimate features "
-        "to 10 components (PCA as BackdoorBench; --reduce ica: the paper's FastICA), split them with 2-means and "
-        "remove the smaller cluster when it holds less than 35% of the class (the paper's relative size), then "
-        "retrain a fresh model on the rest (BackdoorBench's settings: SGD lr 0.01, cosine, 100 epochs, batch 256). "
-        "Writes the model directory at OUT with config.yaml, detection.csv/.json, history.json, checkpoint.pt and "
-        "metrics.json.")
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--size-threshold", type=float, help="flag the smaller cluster below this share of its class "
-                       "(default 0.35, the paper's; 0.5: always the smaller one, as BackdoorBench)")
-        p.add_argument("--reduce", choices=REDUCTIONS, help="dimensionality reduction (default pca)")
-        super().add_arguments(p)
-
-    def configure(self, cfg: ACConfig, args: argparse.Namespace) -> ACConfig:
-        cfg = super().configure(cfg, args)
-        if args.size_threshold is not None:
-            cfg = replace(cfg, size_threshold=args.size_threshold)
-        if args.reduce is not None:
-            cfg = replace(cfg, reduce=args.reduce)
-        return cfg
-
-    def settings(self, cfg: ACConfig) -> dict:
-        return {"nb_dims": cfg.nb_dims, "reduce": cfg.reduce, "size_threshold": cfg.size_threshold}
 
     def describe(self, cfg: ACConfig, inputs: DefenseInputs) -> str:
         return (f"2-means per class on {cfg.nb_dims} {cfg.reduce.upper()} components, drop a cluster under "
-                f"{cfg.size_threshold:.0%} of its class, retrain {cfg.retrain.length()}")
+                f"{cfg.size_threshold:.0%} of its class, retrain {cfg.retrain.budget}")
 
     def flag(self, feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ACConfig) -> Flags:
         return ac_flag(feats, labels, num_classes, cfg.nb_dims, cfg.reduce, cfg.size_threshold, cfg.seed)

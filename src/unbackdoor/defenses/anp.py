@@ -65,7 +65,7 @@ from unbackdoor.core.config import require_positive
 from unbackdoor.core.errors import UnbackdoorError, unknown_name
 from unbackdoor.core.files import write_json
 from unbackdoor.data.augment import weak_augment_for
-from unbackdoor.defenses.base import DefenseInputs, register_defense
+from unbackdoor.defenses.base import DefenseInputs, Flag, register_defense
 from unbackdoor.defenses.posttrain import Defended, PostTrainingDefense
 from unbackdoor.metrics import accuracy, predict
 from unbackdoor.training.engine import Engine, EngineOptions, checkpoint_precision
@@ -244,20 +244,21 @@ def prune_by_mask(model: nn.Module, masks: dict[str, torch.Tensor], threshold: f
 
 
 class AdversarialNeuronPruning(PostTrainingDefense):
-    name, label, config_type, needs = "anp", "ANP", ANPConfig, ("model", "clean_labelled")
+    """Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021) with the official settings: masks on every
+    BatchNorm neuron optimised for 2000 steps (SGD lr 0.2, momentum 0.9, batch 128) against perturbations of
+    their weight and bias (eps 0.4, one step, alpha 0.2), then neurons with mask <= 0.2 pruned. Needs
+    labelled clean images and a model with BatchNorm. Writes the model directory at OUT with config.yaml,
+    mask_values.json, history.json, checkpoint.pt and metrics.json."""
+
+    name, label, config_type = "anp", "ANP", ANPConfig
     preset_of = staticmethod(anp_preset)
     summary = "ANP: prune the BatchNorm neurons most sensitive to adversarial perturbation, on a labelled clean pool"
-    description = ("Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021) with the official settings: masks on every "
-                   "BatchNorm neuron optimised for 2000 steps (SGD lr 0.2, momentum 0.9, batch 128) against "
-                   "perturbations of their weight and bias (eps 0.4, one step, alpha 0.2), then neurons with mask "
-                   "<= 0.2 pruned. Needs labelled clean images and a model with BatchNorm. Writes the model "
-                   "directory at OUT with config.yaml, mask_values.json, history.json, checkpoint.pt and metrics.json.")
-    history_stage = "mask optimisation"
-
-    def describe(self, cfg: ANPConfig, inputs: DefenseInputs) -> str:
-        n = self.pool_size(inputs)
-        return (f"optimise neuron masks {cfg.iterations} steps on {n} labelled clean images, prune masks "
-                f"<= {cfg.threshold}")
+    plan = "optimise neuron masks {cfg.iterations} steps on {n} labelled clean images, prune masks <= {cfg.threshold}"
+    history_stage, budget_keys = "mask optimisation", None
+    flags = (Flag("--iterations", "mask optimisation steps (quick: 100, official: 2000)", int),
+             Flag("--threshold", "prune the neurons whose mask is <= this (default 0.2)", float),
+             Flag("--batch-size", "batch size of the mask optimisation", int),
+             Flag("--lr", "the masks' learning rate (default 0.2)", float))
 
     def defend(self, model: nn.Module, inputs: DefenseInputs, cfg: ANPConfig, out: Path, resume: bool) -> Defended:
         batchnorm_layers(model)  # the clear error first

@@ -6,6 +6,8 @@ registers an instance with :func:`register_defense`. It declares
 - ``name`` (CLI subcommand, experiment folder, ``--defenses`` entry) and ``label``;
 - ``config_type`` and its presets (``preset("paper" | "quick")``);
 - ``needs``: which of :data:`INPUTS` it reads;
+- optionally ``flags`` (:class:`Flag`: its own command-line flags, each setting a
+  config key) and ``budget_keys`` (a length in epochs replaces a step budget);
 - ``run(inputs, cfg, out_dir, ...)`` returning a :class:`DefenseResult` whose
   ``metrics`` follow :func:`unbackdoor.core.layout.run_metrics` and were written to
   ``out_dir/metrics.json`` (with the model directory and whatever else it keeps).
@@ -17,14 +19,16 @@ docs/adding_a_defense.md walks through a new one.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 from torch import nn
 
-from unbackdoor.core.config import load_config
+from unbackdoor.core.config import load_config, override
 from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.files import read_yaml
 from unbackdoor.core.registry import Registry
 from unbackdoor.data.dataset import ImageDataset
 
@@ -53,6 +57,45 @@ class DefenseInputs:
     provenance: dict = field(default_factory=dict)  # where the inputs came from (written to config.yaml)
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag of a defense's own, setting one key of its config."""
+
+    flag: str  # e.g. "--size-threshold"
+    help: str | None = None
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    key: str | None = None  # the config key ("retrain.lr": nested); default: the flag's name with '_'
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def config_key(self) -> str:
+        return self.key or self.dest
+
+
+def nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (the shape :func:`~unbackdoor.core.config.override` takes)."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, last = key.split(".")
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return out
+
+
+def _has_key(data: dict, dotted: str) -> bool:
+    for k in dotted.split("."):
+        if not isinstance(data, dict) or k not in data:
+            return False
+        data = data[k]
+    return True
+
+
 @dataclass
 class DefenseResult:
     model: nn.Module  # the defended classifier, eval mode
@@ -67,13 +110,20 @@ class Defense:
     label: ClassVar[str]
     config_type: ClassVar[type]
     needs: ClassVar[tuple[str, ...]]
-    summary: ClassVar[str] = ""  # one line for ``unbackdoor --help``
-    description: ClassVar[str] = ""  # the paragraph of ``unbackdoor NAME --help``
+    summary: ClassVar[str] = ""  # one line for ``unbackdoor --help``; the class docstring is NAME --help's paragraph
     presets: ClassVar[tuple[str, ...]] = ("paper", "quick")
     history_stage: ClassVar[str] = "training"  # what a flat history.json of this defense records
     featured: ClassVar[bool] = False  # run by demo and sweep unless told otherwise
 
     preset_of: ClassVar[Callable[[str], Any]]  # preset name -> settings (set with staticmethod(...))
+    flags: ClassVar[tuple[Flag, ...]] = ()  # its own command-line flags
+    # (epochs key, steps key): a length in epochs given without steps (YAML or flags) replaces a preset's step budget
+    budget_keys: ClassVar[tuple[str, str] | None] = None
+
+    @property
+    def description(self) -> str:
+        """The paragraph of ``unbackdoor NAME --help``: the class docstring."""
+        return inspect.cleandoc(type(self).__doc__ or "")
 
     def preset(self, name: str) -> Any:
         """The settings of preset ``name`` (an instance of ``config_type``)."""
@@ -82,14 +132,27 @@ class Defense:
     def load_config(self, preset: str, path: str | os.PathLike | None) -> Any:
         """Preset ``preset`` with a YAML file's overrides (its keys, or its section named after
         this defense)."""
-        return load_config(self.preset(preset), path, section=self.name)
+        cfg = load_config(self.preset(preset), path, section=self.name)
+        if path is not None and self.budget_keys is not None:
+            data = read_yaml(path)
+            data = data[self.name] if isinstance(data.get(self.name), dict) else data
+            epochs, steps = self.budget_keys
+            if _has_key(data, epochs) and not _has_key(data, steps):
+                cfg = override(cfg, nest({steps: None}), where=self.name)
+        return cfg
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Flags of this defense's own (beyond inputs, --preset, --config, --seed, engine)."""
+        """Flags of this defense's own (beyond inputs, --preset, --config, --seed, engine):
+        :attr:`flags`."""
+        for f in self.flags:
+            parser.add_argument(f.flag, type=f.type, choices=f.choices, help=f.help)
 
     def configure(self, cfg: Any, args: argparse.Namespace) -> Any:
-        """``cfg`` with the flags of :meth:`add_arguments` applied."""
-        return cfg
+        """``cfg`` with the flags of :meth:`add_arguments` that were given applied."""
+        given = {f.config_key: getattr(args, f.dest) for f in self.flags if getattr(args, f.dest, None) is not None}
+        if self.budget_keys is not None and self.budget_keys[0] in given and self.budget_keys[1] not in given:
+            given[self.budget_keys[1]] = None
+        return override(cfg, nest(given), where=self.name) if given else cfg
 
     def describe(self, cfg: Any, inputs: DefenseInputs) -> str:
         """One line saying what a run with ``cfg`` will do (the experiment's display)."""

@@ -11,14 +11,13 @@ it to decide.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import io
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,47 +26,25 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from unbackdoor.core import layout
-from unbackdoor.core.config import override, require_positive
 from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
-from unbackdoor.core.files import (
-    prepare_out_dir,
-    read_json,
-    read_yaml,
-    rollback_on_failure,
-    write_json,
-    write_text,
-    write_yaml,
-)
+from unbackdoor.core.files import prepare_out_dir, read_json, rollback_on_failure, write_json, write_text, write_yaml
 from unbackdoor.data.dataset import ImageDataset
-from unbackdoor.defenses.base import Defense, DefenseInputs, DefenseResult, Progress
+from unbackdoor.defenses.base import Defense, DefenseInputs, DefenseResult, Flag, Progress
 from unbackdoor.metrics import der, detection_scores, evaluate
 from unbackdoor.models.model_dir import penultimate_features, save_model, unwrap
 from unbackdoor.models.registry import build_for_data, create
 from unbackdoor.training.device import pick_device
 from unbackdoor.training.distributed import current_context
 from unbackdoor.training.engine import set_seed
-from unbackdoor.training.fit import TrainConfig, fit
+from unbackdoor.training.fit import OptimSettings, TrainConfig, fit, optim_fields
 
 
 @dataclass
-class RetrainConfig:
+class RetrainConfig(OptimSettings):
     """How the filtered training set is trained on: a fresh model, cross-entropy, as
     BackdoorBench retrains after Spectral and AC (defaults: its ``config/defense/{spectral,ac}``)."""
 
-    epochs: int = 100
     steps: int | None = None  # if set: at least this many optimiser steps, whatever the kept set's size
-    batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    augment: bool = True  # random crop (pad = side/8) + flip where the data allows it
-
-    def validate(self, where: str) -> None:
-        require_positive(f"{where}.retrain", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
-        if self.steps is not None and self.steps < 1:
-            raise UnbackdoorError(f"{where}.retrain.steps must be >= 1 (or unset), got {self.steps}")
 
     def epochs_for(self, n_kept: int) -> int:
         """Epochs for ``n_kept`` training images: ``epochs``, raised to reach ``steps`` optimiser
@@ -78,18 +55,15 @@ class RetrainConfig:
         per_epoch = max(1, n_kept // min(self.batch_size, max(1, n_kept)))
         return max(self.epochs, math.ceil(self.steps / per_epoch))
 
-    def length(self) -> str:
-        """The retraining's length as a user reads it."""
+    @property
+    def budget(self) -> str:
         return f"≥{self.steps} steps" if self.steps is not None else f"{self.epochs} epochs"
 
 
 def quick_retrain() -> RetrainConfig:
     """The undefended model's training in the experiment (``TrainConfig`` defaults, at least
     4,000 SGD steps at batch 64): the retrained model is compared with it."""
-    base = TrainConfig()
-    return RetrainConfig(epochs=base.epochs, steps=4000, batch_size=base.batch_size, optimizer=base.optimizer,
-                         lr=base.lr, momentum=base.momentum, weight_decay=base.weight_decay, schedule=base.schedule,
-                         augment=base.augment)
+    return RetrainConfig(**optim_fields(TrainConfig()), steps=4000)
 
 
 @torch.no_grad()
@@ -173,34 +147,16 @@ class FilterDefense(Defense):
         poisoned labels). Every subclass implements it."""
         raise NotImplementedError
 
+    setting_keys: ClassVar[tuple[str, ...]] = ()  # the config keys of the flagging rule
+
     def settings(self, cfg: Any) -> dict:
         """The flagging settings recorded in detection.json."""
-        return {}
+        return {k: getattr(cfg, k) for k in self.setting_keys}
 
-    # ---------------------------------------------------------------- configuration
-    def load_config(self, preset: str, path: str | os.PathLike | None) -> Any:
-        cfg = super().load_config(preset, path)
-        if path is not None:
-            data = read_yaml(path)
-            data = data.get(self.name, data) if isinstance(data.get(self.name), dict) else data
-            rt = data.get("retrain") if isinstance(data.get("retrain"), dict) else {}
-            if "epochs" in rt and "steps" not in rt:  # a length in epochs replaces the preset's step budget
-                cfg = replace(cfg, retrain=replace(cfg.retrain, steps=None))
-        return cfg
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--epochs", type=int, help="retraining epochs (replaces the preset's step budget)")
-        p.add_argument("--batch-size", type=int, help="retraining batch size")
-        p.add_argument("--lr", type=float, help="retraining learning rate")
-
-    def configure(self, cfg: Any, args: argparse.Namespace) -> Any:
-        rt = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
-        rt = {k: v for k, v in rt.items() if v is not None}
-        if rt:
-            cfg = override(cfg, {"retrain": rt}, where=self.name)
-        if args.epochs is not None:
-            cfg = replace(cfg, retrain=replace(cfg.retrain, steps=None))
-        return cfg
+    budget_keys = ("retrain.epochs", "retrain.steps")
+    flags = (Flag("--epochs", "retraining epochs (replaces the preset's step budget)", int, key="retrain.epochs"),
+             Flag("--batch-size", "retraining batch size", int, key="retrain.batch_size"),
+             Flag("--lr", "retraining learning rate", float, key="retrain.lr"))
 
     # ---------------------------------------------------------------- the run
     def run(self, inputs: DefenseInputs, cfg: Any, out_dir: str | os.PathLike, *, resume: bool = False,
@@ -245,9 +201,8 @@ class FilterDefense(Defense):
             report(0.02, f"flagged {detection['n_flagged']} of {len(train)}")
             model = fresh_model(inputs, train, cfg.seed)
             rt = cfg.retrain
-            train_cfg = TrainConfig(epochs=epochs, batch_size=min(rt.batch_size, n_kept), optimizer=rt.optimizer,
-                                    lr=rt.lr, momentum=rt.momentum, weight_decay=rt.weight_decay,
-                                    schedule=rt.schedule, augment=rt.augment, seed=cfg.seed, engine=cfg.engine)
+            train_cfg = TrainConfig(**optim_fields(rt) | {"epochs": epochs, "batch_size": min(rt.batch_size, n_kept)},
+                                    seed=cfg.seed, engine=cfg.engine)
             done = [0]
 
             def on_epoch(_model: nn.Module) -> dict:

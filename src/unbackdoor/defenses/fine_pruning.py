@@ -62,22 +62,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unbackdoor.core import layout
 from unbackdoor.core.errors import UnbackdoorError, unknown_name
 from unbackdoor.core.files import read_json, write_json
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.defenses.base import DefenseInputs, register_defense
-from unbackdoor.defenses.posttrain import (
-    QUICK_STEPS,
-    Defended,
-    FineTuneConfig,
-    PostTrainingDefense,
-    fine_tune_settings,
-    measure,
-)
+from unbackdoor.defenses.posttrain import QUICK_STEPS, Defended, FineTuneConfig, PostTrainingDefense, measure
 from unbackdoor.metrics import accuracy, predict
 from unbackdoor.training.device import pick_device
-from unbackdoor.training.fit import fit
 
 PRUNING_FILE = "pruning.json"  # the pruning step's record (and what a resumed run reuses)
 
@@ -221,21 +212,17 @@ def prune_search(model: nn.Module, unit: PruningUnit, pool: ImageDataset, cfg: F
 
 
 class FinePruning(PostTrainingDefense):
-    name, label, config_type, needs = "fp", "FP", FPConfig, ("model", "clean_labelled")
+    """Fine-Pruning (Liu et al., RAID 2018) with BackdoorBench's settings: prune the last convolutional layer's
+    channels in increasing order of clean activation (1% at a time) while the clean accuracy stays within
+    10% of itself, then fine-tune with the pruned channels held at zero (SGD lr 0.01, momentum 0.9, wd 5e-4,
+    cosine, batch 256, 100 epochs). Needs labelled clean images. Writes the model directory at OUT with
+    config.yaml, pruning.json, history.json, checkpoint.pt and metrics.json."""
+
+    name, label, config_type = "fp", "FP", FPConfig
     preset_of = staticmethod(fp_preset)
     summary = "FP (baseline): prune the last conv layer's dormant channels on a labelled clean pool, then fine-tune"
-    description = ("Fine-Pruning (Liu et al., RAID 2018) with BackdoorBench's settings: prune the last convolutional "
-                   "layer's channels in increasing order of clean activation (1% at a time) while the clean accuracy "
-                   "stays within 10% of itself, then fine-tune with the pruned channels held at zero (SGD lr 0.01, "
-                   "momentum 0.9, wd 5e-4, cosine, batch 256, 100 epochs). Needs labelled clean images. Writes the "
-                   "model directory at OUT with config.yaml, pruning.json, history.json, checkpoint.pt and "
-                   "metrics.json.")
-    history_stage = "fine-tuning"
-
-    def describe(self, cfg: FPConfig, inputs: DefenseInputs) -> str:
-        n = self.pool_size(inputs)
-        return (f"prune the last conv layer within {cfg.acc_ratio:.0%} of the clean accuracy, then fine-tune "
-                f"{cfg.epochs} epochs on {n} labelled clean images")
+    plan = ("prune the last conv layer within {cfg.acc_ratio:.0%} of the clean accuracy, then fine-tune "
+            "{cfg.budget} on {n} labelled clean images")
 
     def defend(self, model: nn.Module, inputs: DefenseInputs, cfg: FPConfig, out: Path, resume: bool) -> Defended:
         pool = inputs.clean
@@ -253,9 +240,8 @@ class FinePruning(PostTrainingDefense):
         stage = measure(model, inputs)
         prune_seconds = time.perf_counter() - t0
 
-        res = fit(model, pool, fine_tune_settings(cfg, len(pool)), checkpoint=out / layout.CHECKPOINT, resume=resume,
-                  desc="fine-tune", after_step=lambda m: unit.zero(m, pruned),
-                  settings={"pruning": cfg.pruning_settings(), "pruned": pruned})
+        res = self.fine_tune(model, inputs, cfg, out, resume, desc="fine-tune",
+                             after_step=lambda m: unit.zero(m, pruned), settings={"pruning": cfg.pruning_settings(), "pruned": pruned})
         C = unit.channels
         extra = {"pruning": {"layer": unit.conv_name, "batchnorm": unit.bn_name, "channels": C,
                              "n_pruned": len(pruned), "ratio": len(pruned) / C, "pruned_channels": pruned,

@@ -15,11 +15,9 @@ from pathlib import Path
 
 from torch import nn
 
-from unbackdoor.core import layout
 from unbackdoor.core.errors import unknown_name
 from unbackdoor.defenses.base import DefenseInputs, register_defense
-from unbackdoor.defenses.posttrain import QUICK_STEPS, Defended, FineTuneConfig, PostTrainingDefense, fine_tune_settings
-from unbackdoor.training.fit import fit
+from unbackdoor.defenses.posttrain import QUICK_STEPS, Defended, FineTuneConfig, PostTrainingDefense
 
 
 @dataclass
@@ -38,23 +36,17 @@ def ft_preset(name: str) -> FTConfig:
 
 
 class FineTuning(PostTrainingDefense):
-    name, label, config_type, needs = "ft", "FT", FTConfig, ("model", "clean_labelled")
+    """Fine-tuning (the baseline of Fine-Pruning, Liu et al., RAID 2018) with BackdoorBench's settings: SGD lr
+    0.01, momentum 0.9, wd 5e-4, cosine, batch 256, 100 epochs. Needs labelled clean images. Writes the
+    model directory at OUT with config.yaml, history.json, checkpoint.pt and metrics.json."""
+
+    name, label, config_type = "ft", "FT", FTConfig
     preset_of = staticmethod(ft_preset)
     summary = "FT (baseline): fine-tune the suspicious model on a small labelled clean pool"
-    description = ("Fine-tuning (the baseline of Fine-Pruning, Liu et al., RAID 2018) with BackdoorBench's "
-                   "settings: SGD lr 0.01, momentum 0.9, wd 5e-4, cosine, batch 256, 100 epochs. Needs labelled "
-                   "clean images. Writes the model directory at OUT with config.yaml, history.json, checkpoint.pt "
-                   "and metrics.json.")
-    history_stage = "fine-tuning"
-
-    def describe(self, cfg: FTConfig, inputs: DefenseInputs) -> str:
-        n = self.pool_size(inputs)
-        return f"fine-tune the undefended model {cfg.epochs} epochs on {n} labelled clean images"
+    plan = "fine-tune the undefended model {cfg.budget} on {n} labelled clean images"
 
     def defend(self, model: nn.Module, inputs: DefenseInputs, cfg: FTConfig, out: Path, resume: bool) -> Defended:
-        res = fit(model, inputs.clean, fine_tune_settings(cfg, len(inputs.clean)), checkpoint=out / layout.CHECKPOINT,
-                  resume=resume, desc="fine-tune")
-        return Defended(res.model, res.history, res.seconds, res.precision)
+        return self.fine_tune(model, inputs, cfg, out, resume, desc="fine-tune")
 
 
 register_defense(FineTuning())

@@ -22,11 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unbackdoor.core import layout
 from unbackdoor.core.errors import UnbackdoorError, unknown_name
 from unbackdoor.defenses.base import DefenseInputs, register_defense
-from unbackdoor.defenses.posttrain import QUICK_STEPS, Defended, FineTuneConfig, PostTrainingDefense, fine_tune_settings
-from unbackdoor.training.fit import fit
+from unbackdoor.defenses.posttrain import QUICK_STEPS, Defended, FineTuneConfig, PostTrainingDefense
 from unbackdoor.training.sam import SAMSettings
 
 
@@ -64,24 +62,23 @@ def smoothed_cross_entropy(smoothing: float):
 
 
 class FTSAM(PostTrainingDefense):
-    name, label, config_type, needs = "ft-sam", "FT-SAM", FTSAMConfig, ("model", "clean_labelled")
+    """FT-SAM (Zhu et al., ICCV 2023) with BackdoorBench's settings: fine-tuning with adaptive SAM (rho 2.0),
+    label smoothing 0.1, SGD lr 0.01, momentum 0.9, wd 5e-4, cosine, 100 epochs, batch 256. Needs labelled
+    clean images. Writes the model directory at OUT with config.yaml, history.json, checkpoint.pt and
+    metrics.json."""
+
+    name, label, config_type = "ft-sam", "FT-SAM", FTSAMConfig
     preset_of = staticmethod(ft_sam_preset)
     summary = "FT-SAM (baseline): fine-tune with sharpness-aware minimisation on a labelled clean pool"
-    description = ("FT-SAM (Zhu et al., ICCV 2023) with BackdoorBench's settings: fine-tuning with adaptive SAM "
-                   "(rho 2.0), label smoothing 0.1, SGD lr 0.01, momentum 0.9, wd 5e-4, cosine, 100 epochs, batch "
-                   "256. Needs labelled clean images. Writes the model directory at OUT with config.yaml, "
-                   "history.json, checkpoint.pt and metrics.json.")
-    history_stage = "fine-tuning"
 
     def describe(self, cfg: FTSAMConfig, inputs: DefenseInputs) -> str:
-        n = self.pool_size(inputs)
-        return f"fine-tune with {'adaptive ' if cfg.adaptive else ''}SAM (rho {cfg.rho}) {cfg.epochs} ep on {n} labelled clean images"
+        sam = f"{'adaptive ' if cfg.adaptive else ''}SAM (rho {cfg.rho})"
+        return f"fine-tune with {sam} {cfg.budget} on {self.pool_size(inputs)} labelled clean images"
 
     def defend(self, model: nn.Module, inputs: DefenseInputs, cfg: FTSAMConfig, out: Path, resume: bool) -> Defended:
-        res = fit(model, inputs.clean, fine_tune_settings(cfg, len(inputs.clean)), checkpoint=out / layout.CHECKPOINT,
-                  resume=resume, desc="FT-SAM", objective=smoothed_cross_entropy(cfg.label_smoothing),
-                  sam=SAMSettings(cfg.rho, cfg.adaptive), settings={"label_smoothing": cfg.label_smoothing})
-        return Defended(res.model, res.history, res.seconds, res.precision)
+        return self.fine_tune(model, inputs, cfg, out, resume, desc="FT-SAM",
+                              objective=smoothed_cross_entropy(cfg.label_smoothing),
+                              sam=SAMSettings(cfg.rho, cfg.adaptive), settings={"label_smoothing": cfg.label_smoothing})
 
 
 register_defense(FTSAM())

@@ -37,15 +37,7 @@ from torch import nn
 
 from unbackdoor.core.errors import UnbackdoorError, unknown_name
 from unbackdoor.defenses.base import DefenseInputs, register_defense
-from unbackdoor.defenses.posttrain import (
-    QUICK_STEPS,
-    Defended,
-    FineTuneConfig,
-    PostTrainingDefense,
-    fine_tune_settings,
-    measure,
-)
-from unbackdoor.training.fit import fit
+from unbackdoor.defenses.posttrain import QUICK_STEPS, Defended, FineTuneConfig, PostTrainingDefense, measure
 
 TEACHER_CHECKPOINT = "teacher.pt"
 STUDENT_CHECKPOINT = "checkpoint.pt"
@@ -85,6 +77,11 @@ def nad_preset(name: str) -> NADConfig:
     if name == "quick":
         return NADConfig(steps=QUICK_STEPS, teacher_steps=QUICK_STEPS // 2)
     raise unknown_name("preset", name, ("paper", "quick"))
+
+
+def teacher_settings(cfg: NADConfig) -> NADConfig:
+    """The teacher's fine-tuning: the student's settings with the teacher's length."""
+    return replace(cfg, epochs=cfg.teacher_epochs, steps=cfg.teacher_steps)
 
 
 def attention_layers(model: nn.Module, n: int = 3) -> list[nn.Module]:
@@ -139,41 +136,39 @@ def nad_objective(teacher: nn.Module, student_taps: _Taps, teacher_taps: _Taps, 
 
 
 class NAD(PostTrainingDefense):
-    name, label, config_type, needs = "nad", "NAD", NADConfig, ("model", "clean_labelled")
+    """Neural Attention Distillation (Li et al., ICLR 2021) with the authors' settings: a teacher fine-tuned 10
+    epochs on labelled clean images, then the suspicious model fine-tuned 20 epochs with cross-entropy +
+    attention-map distillation at three depths (betas 500/1000/1000, p 2; SGD lr 0.1 then 0.01, batch 64).
+    Needs labelled clean images. Writes the model directory at OUT with config.yaml, history.json (teacher,
+    student), teacher.pt, checkpoint.pt and metrics.json."""
+
+    name, label, config_type = "nad", "NAD", NADConfig
     preset_of = staticmethod(nad_preset)
     summary = "NAD (baseline): attention distillation from a fine-tuned teacher, on a labelled clean pool"
-    description = ("Neural Attention Distillation (Li et al., ICLR 2021) with the authors' settings: a teacher "
-                   "fine-tuned 10 epochs on labelled clean images, then the suspicious model fine-tuned 20 epochs "
-                   "with cross-entropy + attention-map distillation at three depths (betas 500/1000/1000, p 2; SGD "
-                   "lr 0.1 then 0.01, batch 64). Needs labelled clean images. Writes the model directory at OUT "
-                   "with config.yaml, history.json (teacher, student), teacher.pt, checkpoint.pt and metrics.json.")
 
     def describe(self, cfg: NADConfig, inputs: DefenseInputs) -> str:
-        n = self.pool_size(inputs)
-        return (f"teacher {cfg.teacher_epochs} ep, then attention distillation {cfg.epochs} ep on "
-                f"{n} labelled clean images")
+        return (f"teacher {teacher_settings(cfg).budget}, then attention distillation {cfg.budget} on "
+                f"{self.pool_size(inputs)} labelled clean images")
 
     def defend(self, model: nn.Module, inputs: DefenseInputs, cfg: NADConfig, out: Path, resume: bool) -> Defended:
         t0 = time.perf_counter()
-        clean = inputs.clean
-        teacher_cfg = replace(cfg, epochs=cfg.teacher_epochs, steps=cfg.teacher_steps)
-        tres = fit(copy.deepcopy(model), clean, fine_tune_settings(teacher_cfg, len(clean)),
-                   checkpoint=out / TEACHER_CHECKPOINT, resume=resume, desc="NAD teacher")
-        teacher = tres.model.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        s_taps, t_taps = _Taps(attention_layers(model)), _Taps(attention_layers(teacher))
+        teacher = self.fine_tune(copy.deepcopy(model), inputs, teacher_settings(cfg), out, resume,
+                                 checkpoint=TEACHER_CHECKPOINT, desc="NAD teacher")
+        teacher.model.eval().requires_grad_(False)
+        s_taps, t_taps = _Taps(attention_layers(model)), _Taps(attention_layers(teacher.model))
         try:
-            sres = fit(model, clean, fine_tune_settings(cfg, len(clean)), checkpoint=out / STUDENT_CHECKPOINT,
-                       resume=resume, desc="NAD student", objective=nad_objective(teacher, s_taps, t_taps, cfg),
-                       settings={"nad": {"teacher_epochs": cfg.teacher_epochs, "teacher_steps": cfg.teacher_steps,
-                                         "betas": list(cfg.betas), "p": cfg.p}})
+            student = self.fine_tune(model, inputs, cfg, out, resume, checkpoint=STUDENT_CHECKPOINT,
+                                     desc="NAD student", objective=nad_objective(teacher.model, s_taps, t_taps, cfg),
+                                     settings={"nad": {"teacher_epochs": cfg.teacher_epochs,
+                                                       "teacher_steps": cfg.teacher_steps, "betas": list(cfg.betas),
+                                                       "p": cfg.p}})
         finally:
             s_taps.remove()
             t_taps.remove()
-        teacher_m = measure(teacher, inputs)
-        return Defended(sres.model, {"teacher": tres.history, "student": sres.history}, time.perf_counter() - t0,
-                        sres.precision, stages={"teacher": teacher_m} if teacher_m else None)
+        teacher_m = measure(teacher.model, inputs)
+        return Defended(student.model, {"teacher": teacher.history, "student": student.history},
+                        time.perf_counter() - t0, student.precision,
+                        stages={"teacher": teacher_m} if teacher_m else None)
 
 
 register_defense(NAD())

@@ -21,16 +21,15 @@ from typing import Any, ClassVar
 from torch import nn
 
 from unbackdoor.core import layout
-from unbackdoor.core.config import require_positive
 from unbackdoor.core.errors import EmptyDataset
 from unbackdoor.core.files import prepare_out_dir, rollback_on_failure, write_json, write_yaml
 from unbackdoor.data.dataset import ImageDataset
-from unbackdoor.defenses.base import Defense, DefenseInputs, DefenseResult, Progress
+from unbackdoor.defenses.base import Defense, DefenseInputs, DefenseResult, Flag, Progress
 from unbackdoor.metrics import der, evaluate
 from unbackdoor.models.model_dir import save_model
 from unbackdoor.training.distributed import current_context
 from unbackdoor.training.engine import EngineOptions
-from unbackdoor.training.fit import TrainConfig
+from unbackdoor.training.fit import OptimSettings, TrainConfig, fit
 
 # The quick presets' budget of the label-based fine-tuning defenses, in optimiser steps:
 # BackdoorBench's 100 epochs of batch 256 on 5% of CIFAR-10 (2,500 images) take 1,000
@@ -39,26 +38,25 @@ QUICK_STEPS = 1000
 
 
 @dataclass
-class FineTuneConfig:
+class FineTuneConfig(OptimSettings):
     """Fine-tuning on the clean pool. Defaults: BackdoorBench's ``config/defense/ft`` (SGD lr
     0.01, momentum 0.9, weight decay 5e-4, cosine, 100 epochs, batch 256, crop/flip)."""
 
-    epochs: int = 100
     steps: int | None = None  # if set: epochs = ceil(steps / steps per epoch), one budget for any pool size
-    batch_size: int = 256
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    augment: bool = True
     seed: int = 0
     engine: EngineOptions = field(default_factory=EngineOptions)
 
     def validate(self) -> None:
-        where = type(self).__name__.removesuffix("Config").lower()
-        require_positive(where, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
-        if self.steps is not None:
-            require_positive(where, steps=self.steps)
+        self.validate_optim(type(self).__name__.removesuffix("Config").lower())
+
+
+# The flags of a defense whose config holds these OptimSettings keys (and ``steps``).
+TRAINING_FLAGS = (
+    Flag("--epochs", "training epochs (replaces the preset's step budget)", int),
+    Flag("--steps", "optimiser steps in all, whatever the pool's size", int),
+    Flag("--batch-size", "batch size", int),
+    Flag("--lr", "learning rate", float),
+)
 
 
 def fine_tune_settings(cfg: FineTuneConfig, n_images: int, **override: Any) -> TrainConfig:
@@ -93,7 +91,12 @@ class PostTrainingDefense(Defense):
     ``"clean_labelled"`` or ``"unlabeled"``). Subclasses set the class attributes and
     implement :meth:`defend`."""
 
+    needs = ("model", "clean_labelled")
+    history_stage = "fine-tuning"
+    flags = TRAINING_FLAGS
+    budget_keys = ("epochs", "steps")
     pool_input: ClassVar[str] = "clean"  # the DefenseInputs field holding the pool
+    plan: ClassVar[str] = ""  # describe()'s line: a format string of ``cfg`` and ``n`` (the pool's size)
 
     def pool(self, inputs: DefenseInputs) -> ImageDataset:
         return getattr(inputs, self.pool_input)
@@ -102,6 +105,18 @@ class PostTrainingDefense(Defense):
         """How many pool images ``inputs`` holds (0 where none is given), for ``describe``."""
         pool = self.pool(inputs)
         return len(pool) if pool is not None else 0
+
+    def describe(self, cfg: Any, inputs: DefenseInputs) -> str:
+        return self.plan.format(cfg=cfg, n=self.pool_size(inputs))
+
+    def fine_tune(self, model: nn.Module, inputs: DefenseInputs, cfg: FineTuneConfig, out: Path, resume: bool,
+                  checkpoint: str = layout.CHECKPOINT, **fit_args: Any) -> Defended:
+        """:func:`~unbackdoor.training.fit.fit` ``model`` on the pool with ``cfg``'s fine-tuning
+        settings (checkpoint ``out / checkpoint``); ``fit_args``: its ``desc``, ``objective``, ``sam``, ..."""
+        pool = self.pool(inputs)
+        res = fit(model, pool, fine_tune_settings(cfg, len(pool)), checkpoint=out / checkpoint, resume=resume,
+                  **fit_args)
+        return Defended(res.model, res.history, res.seconds, res.precision)
 
     def defend(self, model: nn.Module, inputs: DefenseInputs, cfg: Any, out: Path, resume: bool) -> Defended:
         """Defend ``model`` (a copy of the suspicious model, free to change); checkpoints go in

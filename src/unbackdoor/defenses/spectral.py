@@ -44,15 +44,14 @@ test_detectors.py); with a model trained at a 3% rate (38 poisons, 23% of the cl
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from unbackdoor.core.config import require_positive
 from unbackdoor.core.errors import UnbackdoorError, unknown_name
-from unbackdoor.defenses.base import DefenseInputs, register_defense
+from unbackdoor.defenses.base import DefenseInputs, Flag, register_defense
 from unbackdoor.defenses.filtering import FilterDefense, Flags, RetrainConfig, class_indices, quick_retrain
 from unbackdoor.training.engine import EngineOptions
 
@@ -77,7 +76,7 @@ class SpectralConfig:
         if self.removal_factor * self.epsilon >= 1.0:
             raise UnbackdoorError(f"spectral: removal_factor * epsilon = {self.removal_factor * self.epsilon:.3g} "
                                   "would remove every sample of every class; it must be < 1")
-        self.retrain.validate("spectral")
+        self.retrain.validate_optim("spectral.retrain")
 
 
 def spectral_preset(name: str) -> SpectralConfig:
@@ -124,35 +123,25 @@ def spectral_flag(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, e
 
 
 class Spectral(FilterDefense):
+    """Spectral Signatures (Tran, Li and Madry, NeurIPS 2018): per class, score every training sample by its
+    squared projection on the top singular vector of the class's penultimate features (of the suspicious
+    model; projected uncentred as the authors' code and BackdoorBench, 'centred: true' in a --config gives the
+    paper's formula), remove the top 1.5 x epsilon of each class and retrain a fresh model on the rest
+    (BackdoorBench's settings: SGD lr 0.01, cosine, 100 epochs, batch 256). epsilon (default 0.1) is YOUR
+    upper bound on the poisoned fraction of a class. Writes the model directory at OUT with config.yaml,
+    detection.csv/.json, history.json, checkpoint.pt and metrics.json."""
+
     name, label, config_type = "spectral", "Spectral", SpectralConfig
     preset_of = staticmethod(spectral_preset)
     rule = "per class, the top removal_factor * epsilon of squared projections on the top singular vector"
+    setting_keys = ("epsilon", "removal_factor", "centred")
+    flags = (Flag("--epsilon", "assumed upper bound on the poisoned fraction of a class (default 0.1; 1.5 x "
+                  "epsilon of every class is removed)", float), *FilterDefense.flags)
     summary = "Spectral Signatures: drop each class's outliers along its top singular direction, retrain"
-    description = (
-        "Spectral Signatures (Tran, Li and Madry, NeurIPS 2018): per class, score every training sample by its "
-        "squared projection on the top singular vector of the class's centred penultimate features (of the "
-        "suspicious model), remove the top 1.5 x epsilon of each class and retrain a fresh model on the rest "
-        "(BackdoorBench's settings: SGD lr 0.01, cosine, 100 epochs, batch 256). epsilon (default 0.1) is YOUR "
-        "upper bound on the poisoned fraction of a class. Writes the model directory at OUT with config.yaml, "
-        "detection.csv/.json, history.json, checkpoint.pt and metrics.json.")
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--epsilon", type=float, help="assumed upper bound on the poisoned fraction of a class "
-                       "(default 0.1; 1.5 x epsilon of every class is removed)")
-        super().add_arguments(p)
-
-    def configure(self, cfg: SpectralConfig, args: argparse.Namespace) -> SpectralConfig:
-        cfg = super().configure(cfg, args)
-        if args.epsilon is not None:
-            cfg = replace(cfg, epsilon=args.epsilon)
-        return cfg
-
-    def settings(self, cfg: SpectralConfig) -> dict:
-        return {"epsilon": cfg.epsilon, "removal_factor": cfg.removal_factor, "centred": cfg.centred}
 
     def describe(self, cfg: SpectralConfig, inputs: DefenseInputs) -> str:
         return (f"remove the top {cfg.removal_factor * cfg.epsilon:.0%} of each class by spectral score, "
-                f"retrain {cfg.retrain.length()}")
+                f"retrain {cfg.retrain.budget}")
 
     def flag(self, feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: SpectralConfig) -> Flags:
         return spectral_flag(feats, labels, num_classes, cfg.epsilon, cfg.removal_factor, cfg.centred)

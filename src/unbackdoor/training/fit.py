@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unbackdoor.core.config import require_positive
 from unbackdoor.core.errors import EmptyDataset
 from unbackdoor.data.augment import WeakAugment
 from unbackdoor.data.dataset import ImageDataset
@@ -27,17 +28,46 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[t
 
 
 @dataclass
-class TrainConfig:
-    """Supervised training settings. Defaults suit mnist5k / cnn-small on 2 CPU cores."""
+class OptimSettings:
+    """The length, batch, optimiser and learning-rate schedule every trainer's settings share
+    (their YAML keys stay flat: the configs subclass this). Defaults: BackdoorBench's
+    fine-tuning and retraining (SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine, 100
+    epochs, batch 256)."""
 
-    epochs: int = 12
-    batch_size: int = 64
+    epochs: int = 100
+    batch_size: int = 256
     optimizer: str = "sgd"
-    lr: float = 0.05
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     augment: bool = True  # random crop (pad = size/8) + flip where the dataset allows it
+
+    @property
+    def budget(self) -> str:
+        """The training's length as a user reads it ("1000 steps" where a ``steps`` budget is set)."""
+        steps = getattr(self, "steps", None)
+        return f"{steps} steps" if steps is not None else f"{self.epochs} epochs"
+
+    def validate_optim(self, where: str) -> None:
+        """A clear error for a non-positive length, batch or learning rate (or step budget)."""
+        require_positive(where, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
+        if getattr(self, "steps", None) is not None:
+            require_positive(where, steps=self.steps)
+
+
+def optim_fields(settings: OptimSettings) -> dict:
+    """``settings``' :class:`OptimSettings` fields, to build another trainer's settings from them."""
+    return {f.name: getattr(settings, f.name) for f in fields(OptimSettings)}
+
+
+@dataclass
+class TrainConfig(OptimSettings):
+    """Supervised training settings. Defaults suit mnist5k / cnn-small on 2 CPU cores."""
+
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 0.05
     seed: int = 0
     engine: EngineOptions = field(default_factory=EngineOptions)
 
@@ -50,19 +80,11 @@ class TrainResult:
     precision: str
 
 
-def fit(
-    model: nn.Module,
-    train: ImageDataset,
-    cfg: TrainConfig | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = False,
-    evaluate: Callable[[nn.Module], dict] | None = None,
-    desc: str = "train",
-    objective: Objective | None = None,
-    sam: SAMSettings | None = None,
-    after_step: Callable[[nn.Module], None] | None = None,
-    settings: dict | None = None,
-) -> TrainResult:
+def fit(model: nn.Module, train: ImageDataset, cfg: TrainConfig | None = None,
+        checkpoint: str | os.PathLike | None = None, resume: bool = False,
+        evaluate: Callable[[nn.Module], dict] | None = None, desc: str = "train", objective: Objective | None = None,
+        sam: SAMSettings | None = None, after_step: Callable[[nn.Module], None] | None = None,
+        settings: dict | None = None) -> TrainResult:
     """Train ``model`` with cross-entropy on ``train``.
 
     Args:

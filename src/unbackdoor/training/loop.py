@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from unbackdoor.core.errors import UnbackdoorError
+from unbackdoor.core.files import plain
 from unbackdoor.training.engine import Engine
 from unbackdoor.training.progress import Progress
 
@@ -96,7 +97,7 @@ class Epoch:
 def plain_settings(settings: Mapping[str, Any], may_change: Collection[str] = ()) -> dict:
     """``settings`` as the checkpoint stores them: without the keys that may change, tuples as lists."""
     skip = ALWAYS_MAY_CHANGE | set(may_change)
-    return {k: _plain(v) for k, v in settings.items() if k not in skip}
+    return {k: plain(v) for k, v in settings.items() if k not in skip}
 
 
 def check_settings(saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint: str | os.PathLike) -> None:
@@ -201,12 +202,6 @@ def run_epochs(
     return history
 
 
-def _plain(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {k: _plain(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_plain(v) for v in o]
-    return o
 
 
 __all__ = ["ALWAYS_MAY_CHANGE", "Budget", "Epoch", "check_settings", "plain_settings", "run_epochs"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from unbackdoor.core.errors import UnbackdoorError, unknown_name
 from unbackdoor.data.augment import check_grating
 from unbackdoor.training.engine import EngineOptions
+from unbackdoor.training.fit import OptimSettings
 
 # Paper (ResNet-18): stem conv, stage1..stage4, classifier.
 PAPER_STAGE_P: tuple[float, ...] = (0.01, 0.01, 0.03, 0.09, 0.27, 0.10)
@@ -16,20 +17,14 @@ ABLATIONS = ("none", "no-reinit", "pseudo-label")
 
 
 @dataclass
-class BCUConfig:
-    """BCU settings. Defaults are the paper's (CIFAR-10, ResNet-18)."""
+class BCUConfig(OptimSettings):
+    """BCU settings. Defaults are the paper's (CIFAR-10, ResNet-18): the inherited optimiser
+    settings (SGD lr 0.01, momentum 0.9, wd 5e-4, cosine, 100 epochs, batch 256, crop + flip) and
+    the method's own."""
 
-    epochs: int = 100
     steps: int | None = None  # if set: epochs = ceil(steps / steps per epoch), the same optimiser budget for any pool size
-    batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
     t_start: float = 1.0  # distillation temperature, ramped linearly per epoch ...
     t_end: float = 4.0  # ... reaching t_end at the last epoch (reference: T_e = 1 + 3 (e+1) / E)
-    augment: bool = True  # random crop (pad = side/8) + horizontal flip where the data allows it
     grating: float = 0.5  # not in the paper: max amplitude of a random grating on the *student's* input (0: off) ...
     grating_p: float = 0.5  # ... with this probability; the teacher always sees the clean image (module docstring)
     rule: str = "auto"  # layer schedule: auto | stages | depth (module docstring)
@@ -48,14 +43,7 @@ class BCUConfig:
     engine: EngineOptions = field(default_factory=EngineOptions)
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise UnbackdoorError(f"bcu.epochs must be >= 1, got {self.epochs}")
-        if self.steps is not None and self.steps < 1:
-            raise UnbackdoorError(f"bcu.steps must be >= 1 (or unset), got {self.steps}")
-        if self.batch_size < 1:
-            raise UnbackdoorError(f"bcu.batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise UnbackdoorError(f"bcu.lr must be > 0, got {self.lr}")
+        self.validate_optim("bcu")
         if self.t_start <= 0 or self.t_end <= 0:
             raise UnbackdoorError(f"bcu temperatures must be > 0, got {self.t_start} -> {self.t_end}")
         if self.rule not in RULES:

@@ -70,7 +70,7 @@ from torch import nn
 from unbackdoor.attacks.poisoned_data import load_data
 from unbackdoor.core import layout
 from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
-from unbackdoor.core.files import prepare_out_dir, rollback_on_failure, write_json, write_yaml
+from unbackdoor.core.files import plain, prepare_out_dir, rollback_on_failure, write_json, write_yaml
 from unbackdoor.core.layout import run_metrics
 from unbackdoor.data.augment import WeakAugment, random_grating
 from unbackdoor.data.dataset import ImageDataset
@@ -150,16 +150,9 @@ class DistillResult:
     precision: str
 
 
-def distill(
-    teacher: nn.Module,
-    student: nn.Module,
-    unlabeled: ImageDataset,
-    cfg: BCUConfig | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = False,
-    evaluate: Callable[[nn.Module], dict] | None = None,
-    desc: str = "bcu",
-) -> DistillResult:
+def distill(teacher: nn.Module, student: nn.Module, unlabeled: ImageDataset, cfg: BCUConfig | None = None,
+            checkpoint: str | os.PathLike | None = None, resume: bool = False,
+            evaluate: Callable[[nn.Module], dict] | None = None, desc: str = "bcu") -> DistillResult:
     """Train ``student`` to match the frozen ``teacher`` on ``unlabeled`` images (labels unused).
 
     Args:
@@ -235,17 +228,13 @@ def distill(
     t0 = time.perf_counter()
     # Resume settings: the whole config except how it runs (engine) and the evaluation cadence.
     history = run_epochs(eng, one_epoch, **({"budget": budget} if budget is not None else {"epochs": cfg.epochs}),
-                         checkpoint=checkpoint, resume=resume, settings=_plain_config(cfg), may_change=("eval_every",),
+                         checkpoint=checkpoint, resume=resume, settings=plain(asdict(cfg)), may_change=("eval_every",),
                          desc=desc, summary=("loss", "temperature", "clean_accuracy", "attack_success_rate"),
                          evaluate=evaluate, eval_every=cfg.eval_every)
     eng.model.eval()
     return DistillResult(eng.model, history, time.perf_counter() - t0, eng.precision.name)
 
 
-def _plain_config(cfg: BCUConfig) -> dict:
-    d = asdict(cfg)
-    d["stage_p"] = list(d["stage_p"])
-    return d
 
 
 # ============================================================================ one call
@@ -263,17 +252,9 @@ def _eval(model: nn.Module, test: ImageDataset | None, attack) -> dict:
     return evaluate(model, test, attack)
 
 
-def run_bcu(
-    teacher: nn.Module,
-    unlabeled: ImageDataset,
-    cfg: BCUConfig | None = None,
-    out_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    test: ImageDataset | None = None,
-    attack=None,
-    force: bool = False,
-    provenance: dict | None = None,
-) -> BCUResult:
+def run_bcu(teacher: nn.Module, unlabeled: ImageDataset, cfg: BCUConfig | None = None,
+            out_dir: str | os.PathLike | None = None, resume: bool = False, test: ImageDataset | None = None,
+            attack=None, force: bool = False, provenance: dict | None = None) -> BCUResult:
     """Cleanse ``teacher`` with BCU on ``unlabeled`` images.
 
     Args:
@@ -310,7 +291,7 @@ def run_bcu(
             schedule = [LayerP(lp.name, lp.kind, lp.group, 0.0, "ablation") for lp in schedule]
         student = reinitialize(teacher, schedule, seed=cfg.seed, linear_init=cfg.linear_init)
         if out is not None and ctx.is_main:
-            write_yaml(out / layout.CONFIG, {"command": "bcu", "bcu": _plain_config(cfg), "n_unlabeled": len(unlabeled),
+            write_yaml(out / layout.CONFIG, {"command": "bcu", "bcu": plain(asdict(cfg)), "n_unlabeled": len(unlabeled),
                                              "unlabeled": unlabeled.meta.get("source", unlabeled.name),
                                              **({"provenance": provenance} if provenance else {})})
             write_json(out / layout.SCHEDULE, [asdict(lp) for lp in schedule])

@@ -2,8 +2,7 @@
 robustness additions documented in :mod:`unbackdoor.defenses.dbd`) and the presets."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from unbackdoor.core.config import require_positive
 from unbackdoor.core.errors import UnbackdoorError, unknown_name
@@ -210,12 +209,3 @@ def _fraction(where: str, v: float) -> None:
         raise UnbackdoorError(f"{where} must be in (0, 1), got {v}")
 
 
-def _plain(cfg: Any) -> dict:
-    def conv(o: Any) -> Any:
-        if isinstance(o, dict):
-            return {k: conv(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [conv(v) for v in o]
-        return o
-
-    return conv(asdict(cfg))

@@ -73,7 +73,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,11 +86,19 @@ from torch import nn
 from unbackdoor.attacks.poisoned_data import PoisonedData
 from unbackdoor.core import layout
 from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
-from unbackdoor.core.files import atomic_path, prepare_out_dir, rollback_on_failure, write_json, write_text, write_yaml
+from unbackdoor.core.files import (
+    atomic_path,
+    plain,
+    prepare_out_dir,
+    rollback_on_failure,
+    write_json,
+    write_text,
+    write_yaml,
+)
 from unbackdoor.core.layout import run_metrics
 from unbackdoor.data.augment import SimCLRAugment, WeakAugment, random_grating, random_patches
 from unbackdoor.data.dataset import ImageDataset
-from unbackdoor.defenses.dbd.config import DBDConfig, LinearConfig, MixMatchConfig, SimCLRConfig, _plain
+from unbackdoor.defenses.dbd.config import DBDConfig, LinearConfig, MixMatchConfig, SimCLRConfig
 from unbackdoor.defenses.dbd.losses import (
     NTXentLoss,
     linear_rampup,
@@ -210,7 +218,7 @@ def _stage_engine(net: nn.Module, train: ImageDataset, engine: EngineOptions | N
 def _run_stage(eng: Engine, one_epoch: Callable, cfg: Any, checkpoint, resume: bool, stage: str, **kw) -> list[dict]:
     """:func:`run_epochs` for a DBD stage: its random sub-stream, and the resume settings =
     the stage config (and seed) except ``epochs`` (a stage may be extended)."""
-    return run_epochs(eng, one_epoch, checkpoint=checkpoint, resume=resume, settings=_plain(cfg),
+    return run_epochs(eng, one_epoch, checkpoint=checkpoint, resume=resume, settings=plain(asdict(cfg)),
                       may_change=("epochs",), stream=_STREAM[stage], **kw)
 
 
@@ -219,17 +227,9 @@ def _seconds(history: list[dict]) -> float:
 
 
 # ============================================================================ stage 1
-def simclr_stage(
-    model: nn.Module,
-    train: ImageDataset,
-    cfg: SimCLRConfig | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = False,
-    *,
-    seed: int = 0,
-    engine: EngineOptions | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
-) -> StageResult:
+def simclr_stage(model: nn.Module, train: ImageDataset, cfg: SimCLRConfig | None = None,
+                 checkpoint: str | os.PathLike | None = None, resume: bool = False, *, seed: int = 0,
+                 engine: EngineOptions | None = None, on_epoch: Callable[[dict], None] | None = None) -> StageResult:
     """Stage 1: train ``model``'s backbone with SimCLR on ``train``'s images (labels unused).
 
     Args:
@@ -307,18 +307,10 @@ def _load_head_state(probe: _LinearProbe, st: dict[str, torch.Tensor]) -> None:
                 buffers[k[7:]].copy_(v)
 
 
-def linear_stage(
-    model: nn.Module,
-    train: ImageDataset,
-    cfg: LinearConfig | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = False,
-    *,
-    seed: int = 0,
-    engine: EngineOptions | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
-    eval_batch_size: int = 512,
-) -> StageResult:
+def linear_stage(model: nn.Module, train: ImageDataset, cfg: LinearConfig | None = None,
+                 checkpoint: str | os.PathLike | None = None, resume: bool = False, *, seed: int = 0,
+                 engine: EngineOptions | None = None, on_epoch: Callable[[dict], None] | None = None,
+                 eval_batch_size: int = 512) -> StageResult:
     """Stage 2: train ``model``'s last Linear layer on the frozen backbone with SCE.
 
     The backbone gets no gradients; its BatchNorm running statistics still update
@@ -412,19 +404,10 @@ def _cycled_batches(pool: torch.Tensor, batch_size: int, steps: int, gen: torch.
     return pool[order].view(steps, batch_size)
 
 
-def mixmatch_stage(
-    model: nn.Module,
-    train: ImageDataset,
-    cfg: MixMatchConfig | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = False,
-    *,
-    seed: int = 0,
-    engine: EngineOptions | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
-    evaluate: Callable[[nn.Module], dict] | None = None,
-    eval_batch_size: int = 512,
-) -> StageResult:
+def mixmatch_stage(model: nn.Module, train: ImageDataset, cfg: MixMatchConfig | None = None,
+                   checkpoint: str | os.PathLike | None = None, resume: bool = False, *, seed: int = 0,
+                   engine: EngineOptions | None = None, on_epoch: Callable[[dict], None] | None = None,
+                   evaluate: Callable[[nn.Module], dict] | None = None, eval_batch_size: int = 512) -> StageResult:
     """Stage 3: semi-supervised fine-tuning of the whole ``model`` with MixMatch.
 
     Before every epoch :func:`split_by_loss` (SCE, current model) keeps the labels of
@@ -606,7 +589,7 @@ def run_dbd(
             opts = replace(opts, precision=ctx.broadcast_object(prec.name))  # ranks agree on rank 0's probe
         cfg = replace(cfg, engine=opts)
         if out is not None and ctx.is_main:
-            write_yaml(out / layout.CONFIG, {"command": "dbd", "dbd": _plain(cfg), "data": meta.get("source", train.name),
+            write_yaml(out / layout.CONFIG, {"command": "dbd", "dbd": plain(asdict(cfg)), "data": meta.get("source", train.name),
                                              "model": (arch or {}).get("name", type(model).__name__),
                                              **({"provenance": provenance} if provenance else {})})
         cb = (lambda stage: (lambda rec: on_epoch(stage, rec))) if on_epoch is not None else (lambda stage: None)
