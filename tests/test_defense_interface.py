@@ -110,3 +110,51 @@ def test_a_length_in_epochs_replaces_the_presets_step_budget(tmp_path):
     f.write_text("bcu: {epochs: 2, steps: 10}\n")
     assert get_defense("bcu").load_config("quick", f).steps == 10
     assert get_defense("bcu").load_config("quick", None).steps == 4800
+    f.write_text("retrain: {epochs: 3}\n")  # a nested budget (the detectors' retraining)
+    rt = get_defense("spectral").load_config("quick", f).retrain
+    assert (rt.epochs, rt.steps) == (3, None)
+    f.write_text("epochs: 7\n")  # the label-based baselines' quick step budget, too
+    assert (get_defense("nad").load_config("quick", f).epochs, get_defense("nad").load_config("quick", f).steps) == (7, None)
+
+
+def _flags(name: str, argv: list[str]):
+    """The config of defense ``name``'s quick preset after its own flags ``argv``."""
+    import argparse
+
+    from unbackdoor.defenses import get_defense
+
+    d = get_defense(name)
+    p = argparse.ArgumentParser()
+    d.add_arguments(p)
+    return d.configure(d.preset("quick"), p.parse_args(argv))
+
+
+def test_declared_flags_set_their_config_keys():
+    cfg = _flags("ft", ["--epochs", "3", "--lr", "0.5"])
+    assert (cfg.epochs, cfg.steps, cfg.lr, cfg.batch_size) == (3, None, 0.5, 64)  # epochs replace the step budget
+    cfg = _flags("ft", ["--steps", "20", "--epochs", "3"])
+    assert (cfg.epochs, cfg.steps) == (3, 20)  # both given: the steps count
+    assert _flags("ft", []) == get_defense_preset("ft")  # no flag given: the preset untouched
+    cfg = _flags("spectral", ["--epsilon", "0.2", "--epochs", "5", "--batch-size", "32"])
+    assert (cfg.epsilon, cfg.retrain.epochs, cfg.retrain.steps, cfg.retrain.batch_size) == (0.2, 5, None, 32)
+    cfg = _flags("ac", ["--reduce", "ica", "--size-threshold", "0.5"])
+    assert (cfg.reduce, cfg.size_threshold) == ("ica", 0.5)
+    cfg = _flags("anp", ["--iterations", "7", "--threshold", "0.3"])
+    assert (cfg.iterations, cfg.threshold, cfg.steps) == (7, 0.3, 1)  # ANP's own 'steps' (ascent steps) untouched
+    cfg = _flags("bcu", ["--rule", "depth", "--p-scale", "1.5", "--epochs", "4"])
+    assert (cfg.rule, cfg.p_scale, cfg.epochs, cfg.steps) == ("depth", 1.5, 4, None)
+    with pytest.raises(SystemExit):  # a choice outside the list is argparse's error
+        _flags("bcu", ["--rule", "magic"])
+
+
+def get_defense_preset(name: str):
+    from unbackdoor.defenses import get_defense
+
+    return get_defense(name).preset("quick")
+
+
+def test_the_class_docstring_is_the_help_paragraph():
+    from unbackdoor.defenses import defenses
+
+    for d in defenses():
+        assert len(d.description) > 40 and "OUT" in d.description, d.name  # says what it does and writes
