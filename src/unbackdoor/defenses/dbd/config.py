@@ -124,10 +124,16 @@ class MixMatchConfig:
       ``cooldown`` times the epochs so far ends the stage. Harder data (lower
       agreement, slower to rise) gets more epochs without a per-dataset setting.
       ``budget: fixed`` runs ``epochs`` at a constant rate (reference).
+    * ``min_passes``: an epoch runs ``max(iterations, min_passes x labelled / batch_size)``
+      steps, so a larger training set is not cut to a fixed number of steps an epoch
+      (the plateau and the cool-down are counted in epochs). Where ``iterations``
+      already covers the labelled part (mnist5k's quick preset, the paper's CIFAR-10)
+      it changes nothing.
     """
 
     epochs: int = 190  # budget 'fixed': the epochs; 'plateau': the most epochs before the cool-down
-    iterations: int = 1024  # steps per epoch; the split is recomputed before each epoch
+    iterations: int = 1024  # steps per epoch (at least; see min_passes); the split is recomputed before each epoch
+    min_passes: float = 1.0  # not in the paper: an epoch is at least this many passes over the labelled part (0: off)
     batch_size: int = 64  # labelled samples per step (and as many unlabelled)
     lr: float = 2e-3
     epsilon: float = 0.7  # kept (labelled) fraction: of each class (balanced) or of all samples (paper: 0.5, global)
@@ -156,6 +162,8 @@ class MixMatchConfig:
         _fraction("mixmatch.epsilon", self.epsilon)
         if not 0.0 <= self.class_floor <= self.epsilon:
             raise UnbackdoorError(f"mixmatch.class_floor must be in [0, epsilon={self.epsilon}], got {self.class_floor}")
+        if self.min_passes < 0:
+            raise UnbackdoorError(f"mixmatch.min_passes must be >= 0, got {self.min_passes}")
         if self.lambda_u < 0:
             raise UnbackdoorError(f"mixmatch.lambda_u must be >= 0, got {self.lambda_u}")
         if self.label_prior < 1:

@@ -6,7 +6,7 @@ from typing import Any
 
 from unbackdoor.defenses.base import Defense, DefenseInputs, DefenseResult, Progress, register_defense
 from unbackdoor.defenses.dbd.config import DBDConfig, dbd_preset
-from unbackdoor.defenses.dbd.stages import run_dbd
+from unbackdoor.defenses.dbd.stages import epoch_iterations, run_dbd
 from unbackdoor.models.registry import build_for_data
 from unbackdoor.training.engine import set_seed
 
@@ -19,7 +19,7 @@ def _stage_costs(cfg: DBDConfig, n: int) -> dict[str, float]:
     epoch like a linear-head epoch."""
     s, mm = cfg.simclr, cfg.mixmatch
     return {"simclr": 2.0 * (n // s.batch_size) * s.batch_size, "linear": 1.4 * n,
-            "mixmatch": mm.iterations * mm.batch_size * 1.75}
+            "mixmatch": epoch_iterations(mm, int(mm.epsilon * n)) * mm.batch_size * 1.75}
 
 
 class DBD(Defense):
@@ -38,7 +38,7 @@ class DBD(Defense):
 
     def describe(self, cfg: DBDConfig, inputs: DefenseInputs) -> str:
         return (f"SimCLR {cfg.simclr.epochs} ep → linear head ≤{cfg.linear.epochs} ep → "
-                f"MixMatch {cfg.mixmatch.epochs}×{cfg.mixmatch.iterations} it")
+                f"MixMatch ≤{cfg.mixmatch.epochs} ep")
 
     def run(self, inputs: DefenseInputs, cfg: DBDConfig, out_dir: str | os.PathLike, *, resume: bool = False,
             force: bool = False, progress: Progress | None = None) -> DefenseResult:

@@ -404,6 +404,11 @@ def _cycled_batches(pool: torch.Tensor, batch_size: int, steps: int, gen: torch.
     return pool[order].view(steps, batch_size)
 
 
+def epoch_iterations(cfg: MixMatchConfig, n_labelled: int) -> int:
+    """Steps of a stage-3 epoch with ``n_labelled`` labelled samples (MixMatchConfig.min_passes)."""
+    return max(cfg.iterations, math.ceil(cfg.min_passes * n_labelled / cfg.batch_size))
+
+
 def mixmatch_stage(model: nn.Module, train: ImageDataset, cfg: MixMatchConfig | None = None,
                    checkpoint: str | os.PathLike | None = None, resume: bool = False, *, seed: int = 0,
                    engine: EngineOptions | None = None, on_epoch: Callable[[dict], None] | None = None,
@@ -438,7 +443,6 @@ def mixmatch_stage(model: nn.Module, train: ImageDataset, cfg: MixMatchConfig | 
         raise UnbackdoorError(f"mixmatch.batch_size {cfg.batch_size} is global: it must be >= the {world} processes")
     b = cfg.batch_size // world
     ramp_len = cfg.epochs if cfg.rampup_epochs is None else cfg.rampup_epochs
-    iters = cfg.iterations
     budget = None  # budget 'fixed': cfg.epochs at a constant rate
     if cfg.budget == "plateau":  # its state comes from the checkpoint on resume (run_epochs)
         budget = PlateauBudget(ramp_len, cfg.epochs, cfg.plateau_patience, cfg.plateau_delta, cfg.cooldown)
@@ -455,6 +459,7 @@ def mixmatch_stage(model: nn.Module, train: ImageDataset, cfg: MixMatchConfig | 
         lab_pool, unl_pool = torch.nonzero(kept).flatten(), torch.nonzero(~kept).flatten()
         if len(lab_pool) == 0 or len(unl_pool) == 0:
             raise UnbackdoorError(f"mixmatch.epsilon {cfg.epsilon} leaves an empty labelled or unlabelled set of {n}")
+        iters = epoch_iterations(cfg, len(lab_pool))
         lab_idx = _cycled_batches(lab_pool, cfg.batch_size, iters, gen)  # identical on every rank
         unl_idx = _cycled_batches(unl_pool, cfg.batch_size, iters, gen)
         rng = np.random.default_rng([seed, _STREAM["mixmatch"], epoch])
@@ -494,7 +499,7 @@ def mixmatch_stage(model: nn.Module, train: ImageDataset, cfg: MixMatchConfig | 
             sums += torch.stack([loss.detach(), lx.detach(), lu.detach()])
             bar.update(3 * b * world)
         sums = (ep.all_reduce_sum(sums) / (iters * world)).tolist()
-        rec = {"loss": sums[0], "loss_x": sums[1], "loss_u": sums[2],
+        rec = {"loss": sums[0], "loss_x": sums[1], "loss_u": sums[2], "iterations": iters,
                "lambda_u": cfg.lambda_u * linear_rampup(epoch + 1, ramp_len), "images_per_second": bar.images_per_second}
         rec.update({f"split_{k}": v for k, v in split.quality(train.poisoned).items()})
         if prev_kept is not None:
