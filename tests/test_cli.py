@@ -17,7 +17,9 @@ import yaml
 
 from unbackdoor.attacks.base import attack_names
 from unbackdoor.cli.main import main
+from unbackdoor.core.errors import OutputInUse
 from unbackdoor.data.loaders import dataset_names
+from unbackdoor.experiment.run import run_experiment
 from unbackdoor.models.model_dir import save_model
 from unbackdoor.models.registry import create, model_names
 
@@ -274,3 +276,49 @@ def test_force_overwrites_a_non_empty_out(small_poisoned_dir, tmp_path, capsys):
     rc, _, err = run_main(capsys, "train", "--data", small_poisoned_dir, "--out", out, "--force", "--epochs", "1", *FAST)
     assert rc == 0, err
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+
+
+HOLD = """
+import sys, time
+from unbackdoor.core.files import prepare_out_dir
+prepare_out_dir(sys.argv[1], resume=True)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_folder_another_process_writes_is_refused(small_poisoned_dir, tmp_path, capsys):
+    """Two runs on one folder would interleave their checkpoints: the second is refused
+    while the first lives, and a killed holder never blocks the folder's resume."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), "600"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ("train", "--data", small_poisoned_dir, "--out", out, "--epochs", "1", *FAST)
+        for extra in ((), ("--resume",), ("--force",)):
+            rc, _, err = run_main(capsys, *args, *extra)
+            line = assert_one_line_error(rc, err, rf"being written by another process \(pid {holder.pid}\)")
+            assert "--force" not in line  # no flag fixes this one
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # --force removed nothing
+    finally:
+        holder.kill()  # SIGKILL: the operating system drops its lock
+        holder.wait()
+    rc, _, err = run_main(capsys, *args, "--resume")
+    assert rc == 0, err
+    assert (out / "model.safetensors").is_file()
+    # the finished run let go of the folder: another process can take it now
+    r = subprocess.run([sys.executable, "-c", HOLD, str(out), "0"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "held", r.stderr
+
+
+def test_an_experiment_folder_in_use_is_refused(tmp_path):
+    out = tmp_path / "exp"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), "600"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputInUse, match=f"pid {holder.pid}"):
+            run_experiment(out, force=True)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()

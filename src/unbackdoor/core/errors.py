@@ -27,6 +27,10 @@ class OutputExists(UnbackdoorError):
         self.resumable = resumable
 
 
+class OutputInUse(UnbackdoorError):
+    """Another live process is writing the same output folder (it holds the folder's lock)."""
+
+
 class NeedsLocalFiles(UnbackdoorError):
     """A dataset is read from the user's local files and none were named (or they are missing)."""
 

@@ -2,6 +2,12 @@
 
 Every file the tool writes goes to a temporary sibling first and is renamed
 into place, so a killed run never leaves a truncated file behind.
+
+An output folder is held by one process at a time: :func:`prepare_out_dir` takes
+an exclusive ``flock`` on the folder's :data:`OUTPUT_LOCK` file (holding the
+writer's pid) and :func:`release_out_dir` lets it go. Two runs resuming the same
+folder would otherwise interleave their checkpoints; the operating system drops
+the lock of a killed process, so a killed run never blocks its own resume.
 """
 from __future__ import annotations
 
@@ -9,13 +15,22 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
 
-from unbackdoor.core.errors import OutputExists, UnbackdoorError
+from unbackdoor.core.errors import OutputExists, OutputInUse, UnbackdoorError
+
+if sys.platform != "win32":
+    import fcntl
+else:  # no flock: folders are not locked there
+    fcntl = None
+
+OUTPUT_LOCK = ".lock"  # in every output folder while a process writes it (module docstring)
+_HELD: dict[str, list[int]] = {}  # resolved folder -> [fd of its lock file, times acquired] in this process
 
 
 @contextlib.contextmanager
@@ -108,25 +123,84 @@ def plain(obj: Any) -> Any:
     return obj
 
 
-def prepare_out_dir(path: str | os.PathLike, *, force: bool = False, resume: bool = False) -> Path:
+def _holder(lock: Path) -> str:
+    try:
+        pid = lock.read_text().strip()
+    except OSError:
+        pid = ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def lock_out_dir(path: str | os.PathLike) -> None:
+    """Take this process's exclusive hold of the existing folder ``path``; an
+    :class:`OutputInUse` if another process holds it. Re-entrant within a process."""
+    path = Path(path)
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return
+    if fcntl is None:
+        _HELD[key] = [-1, 1]
+        return
+    lock = path / OUTPUT_LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputInUse(f"output directory {path} is being written by another process{_holder(lock)}; "
+                          "wait for it to finish or choose another output folder") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[key] = [fd, 1]
+
+
+def release_out_dir(path: str | os.PathLike) -> None:
+    """Undo one :func:`lock_out_dir` of ``path`` by this process (nothing if it holds none)."""
+    key = str(Path(path).resolve())
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[key]
+        if held[0] >= 0:
+            os.close(held[0])  # closing drops the flock; the file stays, harmless
+
+
+def _contents(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.name != OUTPUT_LOCK]
+
+
+def prepare_out_dir(path: str | os.PathLike, *, force: bool = False, resume: bool = False, lock: bool = True) -> Path:
     """Check that ``path`` may be written; never silently overwrite a non-empty folder.
 
     - empty or missing: fine (created);
     - non-empty with ``resume``: fine, the caller continues from its checkpoints;
     - non-empty with ``force``: the old contents are removed;
     - otherwise an :class:`OutputExists`.
+
+    With ``lock`` (the default; only the process that writes should ask) the folder is
+    then held by this process (:func:`lock_out_dir`) until :func:`release_out_dir`, and
+    a folder another live process holds is an :class:`OutputInUse`, checked before
+    anything is removed.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UnbackdoorError(f"output path {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        if resume:
-            return path
-        if force:
-            shutil.rmtree(path)
-        else:
-            raise OutputExists(f"output directory {path} exists and is not empty", resumable=True)
+    if path.is_dir() and _contents(path) and not (resume or force):
+        raise OutputExists(f"output directory {path} exists and is not empty", resumable=True)
     path.mkdir(parents=True, exist_ok=True)
+    if lock:
+        lock_out_dir(path)
+    if force and not resume:
+        try:
+            for child in _contents(path):
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        except BaseException:
+            if lock:
+                release_out_dir(path)
+            raise
     return path
 
 
@@ -136,7 +210,8 @@ def rollback_on_failure(out: Path | None, was_missing: bool, enabled: bool = Tru
 
     A run that cannot resume (no ``*.pt`` under ``out``) leaves ``out`` as it found it:
     removed if it did not exist (``was_missing``), emptied otherwise. After a
-    checkpoint the folder is kept, so ``--resume`` can continue it."""
+    checkpoint the folder is kept, so ``--resume`` can continue it. Either way this
+    process's hold of ``out`` (:func:`prepare_out_dir`) ends here."""
     try:
         yield
     except BaseException:
@@ -147,6 +222,9 @@ def rollback_on_failure(out: Path | None, was_missing: bool, enabled: bool = Tru
                 for child in out.iterdir():
                     shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
         raise
+    finally:
+        if out is not None:
+            release_out_dir(out)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -34,7 +35,7 @@ from unbackdoor.metrics import der, detection_scores, evaluate
 from unbackdoor.models.model_dir import penultimate_features, save_model, unwrap
 from unbackdoor.models.registry import build_for_data, create
 from unbackdoor.training.device import pick_device
-from unbackdoor.training.distributed import current_context
+from unbackdoor.training.distributed import current_context, run_on_main
 from unbackdoor.training.engine import set_seed
 from unbackdoor.training.fit import OptimSettings, TrainConfig, fit, optim_fields
 
@@ -168,7 +169,7 @@ class FilterDefense(Defense):
             raise EmptyDataset(f"{self.label} needs a non-empty training set, got 0 images")
         ctx = current_context()
         was_missing = not os.path.exists(out_dir)
-        out = prepare_out_dir(out_dir, force=force, resume=resume)
+        out = Path(run_on_main(ctx, lambda: prepare_out_dir(out_dir, force=force, resume=resume)))
         report = progress or (lambda frac, note: None)
         with rollback_on_failure(out, was_missing, ctx.is_main and not resume):
             t0 = time.perf_counter()
@@ -213,18 +214,18 @@ class FilterDefense(Defense):
 
             res = fit(model, train.subset(torch.nonzero(kept).flatten()), train_cfg,
                       checkpoint=out / layout.CHECKPOINT, resume=resume, evaluate=on_epoch, desc="retrain")
-        before, final = _measure(inputs.model, inputs), _measure(res.model, inputs)
-        d = (der(before["clean_accuracy"], before["attack_success_rate"], final["clean_accuracy"],
-                 final["attack_success_rate"]) if before and inputs.attack is not None else None)
-        metrics = layout.run_metrics(
-            self.name, self.label, final, before=before, der=d, detection=detection,
-            seconds={"features": round(t_feat, 2), "flagging": round(t_flag, 2), "retrain": round(res.seconds, 2),
-                     "total": round(t_feat + t_flag + res.seconds, 2)},
-            n_train=len(train), n_kept=n_kept, retrain_epochs=epochs, precision=res.precision)
-        if ctx.is_main:
-            save_model(res.model, out, classes=train.classes, provenance={"command": self.name, **inputs.provenance})
-            write_json(out / layout.HISTORY, res.history)
-            write_json(out / layout.METRICS, metrics)
+            before, final = _measure(inputs.model, inputs), _measure(res.model, inputs)
+            d = (der(before["clean_accuracy"], before["attack_success_rate"], final["clean_accuracy"],
+                     final["attack_success_rate"]) if before and inputs.attack is not None else None)
+            metrics = layout.run_metrics(
+                self.name, self.label, final, before=before, der=d, detection=detection,
+                seconds={"features": round(t_feat, 2), "flagging": round(t_flag, 2), "retrain": round(res.seconds, 2),
+                         "total": round(t_feat + t_flag + res.seconds, 2)},
+                n_train=len(train), n_kept=n_kept, retrain_epochs=epochs, precision=res.precision)
+            if ctx.is_main:
+                save_model(res.model, out, classes=train.classes, provenance={"command": self.name, **inputs.provenance})
+                write_json(out / layout.HISTORY, res.history)
+                write_json(out / layout.METRICS, metrics)
         ctx.barrier()
         return DefenseResult(res.model, metrics, flags)
 
@@ -252,7 +253,7 @@ def _check_resumed_split(out, flagged: list[int], resume: bool) -> None:
         return
     if isinstance(before, list) and before != flagged:
         raise UnbackdoorError(f"{out}: the checkpoint was trained on another subset ({len(before)} samples flagged "
-                              f"then, {len(flagged)} now: other settings or model); start it over (--force)")
+                              f"then, {len(flagged)} now: other settings or model); start it over (overwrite the folder)")
 
 
 def class_indices(labels: torch.Tensor, num_classes: int) -> list[np.ndarray]:

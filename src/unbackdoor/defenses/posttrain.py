@@ -27,7 +27,7 @@ from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.defenses.base import Defense, DefenseInputs, DefenseResult, Flag, Progress
 from unbackdoor.metrics import der, evaluate
 from unbackdoor.models.model_dir import save_model
-from unbackdoor.training.distributed import current_context
+from unbackdoor.training.distributed import current_context, run_on_main
 from unbackdoor.training.engine import EngineOptions
 from unbackdoor.training.fit import OptimSettings, TrainConfig, fit
 
@@ -133,22 +133,23 @@ class PostTrainingDefense(Defense):
             raise EmptyDataset(f"{self.label} needs {kind} images, got 0")
         ctx = current_context()
         was_missing = not os.path.exists(out_dir)
-        out = prepare_out_dir(out_dir, force=force, resume=resume)
+        out = Path(run_on_main(ctx, lambda: prepare_out_dir(out_dir, force=force, resume=resume)))
         n_labelled = len(pool) if self.uses_labels else 0
         with rollback_on_failure(out, was_missing, ctx.is_main and not resume):
-            write_yaml(out / layout.CONFIG, {"command": self.name, self.name: asdict(cfg), "n_labelled": n_labelled,
-                                             "provenance": inputs.provenance})
+            if ctx.is_main:
+                write_yaml(out / layout.CONFIG, {"command": self.name, self.name: asdict(cfg), "n_labelled": n_labelled,
+                                                 "provenance": inputs.provenance})
             res = self.defend(copy.deepcopy(inputs.model), inputs, cfg, out, resume)
-        before, final = measure(inputs.model, inputs), measure(res.model, inputs)
-        d = (der(before["clean_accuracy"], before["attack_success_rate"], final["clean_accuracy"],
-                 final["attack_success_rate"]) if before and inputs.attack is not None else None)
-        metrics = layout.run_metrics(self.name, self.label, final, before=before, stages=res.stages, der=d,
-                                     seconds={"total": round(res.seconds, 2)}, n_labelled=n_labelled,
-                                     precision=res.precision, **res.extra)
-        if ctx.is_main:
-            save_model(res.model, out, classes=getattr(inputs.model, "classes", None),
-                       provenance={"command": self.name, **inputs.provenance})
-            write_json(out / layout.HISTORY, res.history)
-            write_json(out / layout.METRICS, metrics)
+            before, final = measure(inputs.model, inputs), measure(res.model, inputs)
+            d = (der(before["clean_accuracy"], before["attack_success_rate"], final["clean_accuracy"],
+                     final["attack_success_rate"]) if before and inputs.attack is not None else None)
+            metrics = layout.run_metrics(self.name, self.label, final, before=before, stages=res.stages, der=d,
+                                         seconds={"total": round(res.seconds, 2)}, n_labelled=n_labelled,
+                                         precision=res.precision, **res.extra)
+            if ctx.is_main:
+                save_model(res.model, out, classes=getattr(inputs.model, "classes", None),
+                           provenance={"command": self.name, **inputs.provenance})
+                write_json(out / layout.HISTORY, res.history)
+                write_json(out / layout.METRICS, metrics)
         ctx.barrier()
         return DefenseResult(res.model, metrics, res)

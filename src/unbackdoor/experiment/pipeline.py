@@ -20,7 +20,7 @@ from unbackdoor.data.loaders import dataset_info, load_splits
 from unbackdoor.metrics import evaluate as evaluate_model
 from unbackdoor.models.model_dir import load_model, save_model
 from unbackdoor.models.registry import build_for_data
-from unbackdoor.training.distributed import current_context
+from unbackdoor.training.distributed import current_context, run_on_main
 from unbackdoor.training.engine import set_seed
 from unbackdoor.training.fit import TrainConfig, fit
 
@@ -82,30 +82,27 @@ def train(data: str | os.PathLike | PoisonedData, out: str | os.PathLike, model:
     net = build_for_data(model, pd.train) if isinstance(model, str) else model
     ctx = current_context()
     was_missing = not Path(out).exists()
-    if ctx.is_main:
-        out = prepare_out_dir(out, force=force, resume=resume)
-    ctx.barrier()
-    out = Path(out)
+    out = Path(run_on_main(ctx, lambda: prepare_out_dir(out, force=force, resume=resume)))
     with rollback_on_failure(out, was_missing, ctx.is_main and not resume):
         if ctx.is_main:
-            write_yaml(out / "config.yaml", {"command": "train", "model": arch, "clean": clean, "train": to_dict(cfg),
+            write_yaml(out / layout.CONFIG, {"command": "train", "model": arch, "clean": clean, "train": to_dict(cfg),
                                              "data": "api" if isinstance(data, PoisonedData) else str(data)})
         evaluate = (lambda m: {k: v for k, v in evaluate_model(m, pd.test, pd.attack).items() if not k.startswith("n_")})
-        res = fit(net, train_set, cfg, checkpoint=out / "checkpoint.pt", resume=resume, evaluate=evaluate)
-    if not ctx.is_main:  # only rank 0 writes; the others return its model unsaved
-        return {}
-    measured = evaluate_model(res.model, pd.test, pd.attack)
-    method, label = (layout.CLEAN_REFERENCE, "Clean reference") if clean else (layout.UNDEFENDED, "Undefended")
-    # The measurements stay at the top level too, as train's metrics.json always had them.
-    metrics = layout.run_metrics(method, label, measured, seconds={"total": round(res.seconds, 2)}, **measured,
-                                 train_seconds=round(res.seconds, 2), epochs=cfg.epochs, precision=res.precision,
-                                 model=arch, clean_reference=clean, n_train=len(train_set), world_size=ctx.world_size)
-    if arch != "custom":
-        save_model(res.model, out, classes=pd.train.classes,
-                   provenance={"command": "train", "clean": clean, "attack": pd.attack.spec() if pd.attack else None})
-    write_json(out / layout.HISTORY, res.history)
-    write_json(out / layout.METRICS, metrics)
-    return metrics
+        res = fit(net, train_set, cfg, checkpoint=out / layout.CHECKPOINT, resume=resume, evaluate=evaluate)
+        if not ctx.is_main:  # only rank 0 writes; the others return its model unsaved
+            return {}
+        measured = evaluate_model(res.model, pd.test, pd.attack)
+        method, label = (layout.CLEAN_REFERENCE, "Clean reference") if clean else (layout.UNDEFENDED, "Undefended")
+        # The measurements stay at the top level too, as train's metrics.json always had them.
+        metrics = layout.run_metrics(method, label, measured, seconds={"total": round(res.seconds, 2)}, **measured,
+                                     train_seconds=round(res.seconds, 2), epochs=cfg.epochs, precision=res.precision,
+                                     model=arch, clean_reference=clean, n_train=len(train_set), world_size=ctx.world_size)
+        if arch != "custom":
+            save_model(res.model, out, classes=pd.train.classes,
+                       provenance={"command": "train", "clean": clean, "attack": pd.attack.spec() if pd.attack else None})
+        write_json(out / layout.HISTORY, res.history)
+        write_json(out / layout.METRICS, metrics)
+        return metrics
 
 
 def evaluate(model: str | os.PathLike | nn.Module, data: str | os.PathLike | PoisonedData, device: str = "cpu") -> dict:

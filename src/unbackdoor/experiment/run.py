@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from unbackdoor.attacks.poisoned_data import PoisonedData, load_data
 from unbackdoor.core import layout
 from unbackdoor.core.errors import UnbackdoorError
-from unbackdoor.core.files import read_json, write_json
+from unbackdoor.core.files import lock_out_dir, read_json, release_out_dir, write_json
 from unbackdoor.defenses import Defense, DefenseInputs, defense_names, get_defense
 from unbackdoor.experiment.pipeline import poison, train
 from unbackdoor.experiment.spec import ExperimentSpec, train_config
@@ -35,6 +35,7 @@ from unbackdoor.models.model_dir import load_model
 from unbackdoor.report import ReportOptions, build_report, model_row
 from unbackdoor.report.content import pct
 from unbackdoor.report.runs import discover, sort_runs
+from unbackdoor.training.distributed import current_context
 from unbackdoor.training.engine import EngineOptions
 
 
@@ -144,10 +145,22 @@ def run_experiment(out: str | os.PathLike, spec: ExperimentSpec | None = None, *
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UnbackdoorError(f"output path {out} exists and is not a directory")
-    if force and out.is_dir():
+    out.mkdir(parents=True, exist_ok=True)
+    held = current_context().is_main
+    if held:
+        lock_out_dir(out)  # another process running this experiment would interleave its runs
+    try:
+        return _run_experiment(out, spec, engine, force, display, report, embed_points, configs)
+    finally:
+        if held:
+            release_out_dir(out)
+
+
+def _run_experiment(out: Path, spec: ExperimentSpec, engine: EngineOptions, force: bool, display: Display | None,
+                    report: bool, embed_points: int, configs: dict[str, Any]) -> dict:
+    if force:
         _clear(out)
     _check_spec(out, spec, force)
-    out.mkdir(parents=True, exist_ok=True)
     record = {"spec": spec.key(), "defenses": list(spec.defenses)}
     if not (out / layout.EXPERIMENT).is_file() or read_or_none(out / layout.EXPERIMENT) != record:
         write_json(out / layout.EXPERIMENT, record)  # rewritten only on change: it dates the report (below)
