@@ -14,7 +14,14 @@ from unbackdoor.attacks.base import make_attack
 from unbackdoor.core.config import override
 from unbackdoor.core.errors import UnbackdoorError
 from unbackdoor.data.loaders import load_mnist5k
-from unbackdoor.defenses.dbd.config import DBDConfig, LinearConfig, MixMatchConfig, SimCLRConfig, dbd_preset
+from unbackdoor.defenses.dbd.config import (
+    DBDConfig,
+    LinearConfig,
+    MixMatchConfig,
+    PolishConfig,
+    SimCLRConfig,
+    dbd_preset,
+)
 from unbackdoor.defenses.dbd.losses import (
     NTXentLoss,
     SCELoss,
@@ -71,6 +78,7 @@ def tiny_config(**over) -> DBDConfig:
         # a higher head lr than the paper's 2e-3: 600 images give only 9 steps per epoch
         linear=LinearConfig(epochs=8, batch_size=64, lr=3e-2),
         mixmatch=MixMatchConfig(epochs=2, iterations=6, batch_size=32),
+        polish=PolishConfig(epochs=2),
         engine=FP32,
     )
     return override(cfg, over)
@@ -299,9 +307,16 @@ def test_run_dbd_detects_poisoned_samples_and_writes_outputs(poisoned, tmp_path)
     det = res.metrics["detection"]
     assert det["recall"] >= 0.9  # the relabelled digits keep a high loss: flagged
     assert set(res.metrics["after_stage3"]) >= {"clean_accuracy", "attack_success_rate", "robust_accuracy"}
+    # The polish trains on trusted labels: the relabelled class is found from the given labels
+    # and the model's own predictions alone, and few poisons are trusted.
+    pol = res.metrics["polish"]
+    assert pol["suspect_classes"] == [0], pol
+    assert pol["poisoned_trusted"] <= 0.2 * int(ds.poisoned.sum()), pol
+    assert res.metrics["final"] == {k: res.metrics["stages"]["after_polish"][k] for k in res.metrics["final"]}
     out = tmp_path / "out"
     for name in ("model.safetensors", "model.json", "config.yaml", "metrics.json", "detection.csv", "detection.json",
-                 "history.json", "checkpoints/simclr.pt", "checkpoints/linear.pt", "checkpoints/mixmatch.pt"):
+                 "history.json", "checkpoints/simclr.pt", "checkpoints/linear.pt", "checkpoints/mixmatch.pt",
+                 "checkpoints/polish.pt"):
         assert (out / name).exists(), name
     loaded = load_model(out)
     x = ds.images[:16].float() / 255
@@ -316,7 +331,7 @@ def test_run_dbd_detects_poisoned_samples_and_writes_outputs(poisoned, tmp_path)
     # At this tiny budget the ranking is weak; still required to be clearly above chance.
     assert det["auroc"] > 0.6
     hist = json.loads((out / "history.json").read_text())
-    assert set(hist) == {"simclr", "linear", "mixmatch"} and "split_recall" in hist["mixmatch"][0]
+    assert set(hist) == {"simclr", "linear", "mixmatch", "polish"} and "split_recall" in hist["mixmatch"][0]
     with pytest.raises(UnbackdoorError, match="not empty"):
         run_dbd(tiny_model(), pd, tiny_config(), out_dir=out)
 
@@ -342,6 +357,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(small, tmp_path):
         run_dbd(tiny_model(), small, cfg, out_dir=out, resume=True, on_epoch=killer("linear", 2))
     with pytest.raises(_Kill):  # resumed, then killed after stage 3's first epoch
         run_dbd(tiny_model(), small, cfg, out_dir=out, resume=True, on_epoch=killer("mixmatch", 1))
+    with pytest.raises(_Kill):  # resumed, then killed after the polish's first epoch
+        run_dbd(tiny_model(), small, cfg, out_dir=out, resume=True, on_epoch=killer("polish", 1))
     res = run_dbd(tiny_model(), small, cfg, out_dir=out, resume=True)
     a, b = ref.model.state_dict(), res.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -359,7 +376,8 @@ def test_cli_runs_dbd_on_an_npz_and_refuses_a_used_out_dir(poisoned, tmp_path, c
     ds.save_npz(tmp_path / "train.npz")
     write_yaml(tmp_path / "tiny.yaml", {"dbd": {"simclr": {"epochs": 1, "batch_size": 128},
                                                  "linear": {"epochs": 1},
-                                                 "mixmatch": {"epochs": 1, "iterations": 3, "batch_size": 32}}})
+                                                 "mixmatch": {"epochs": 1, "iterations": 3, "batch_size": 32},
+                                                 "polish": {"epochs": 1}}})
     args = ["dbd", "--data", str(tmp_path / "train.npz"), "--out", str(tmp_path / "out"), "--preset", "quick",
             "--config", str(tmp_path / "tiny.yaml"), "--precision", "fp32", "--device", "cpu", "--no-progress"]
     assert main(args) == 0

@@ -21,7 +21,7 @@ FP32 = EngineOptions(device="cpu", precision="fp32", progress=False)
 TINY_YAML = {
     "train": {"epochs": 2},
     "dbd": {"simclr": {"epochs": 1, "batch_size": 128}, "linear": {"epochs": 1},
-            "mixmatch": {"epochs": 1, "iterations": 3, "batch_size": 32}},
+            "mixmatch": {"epochs": 1, "iterations": 3, "batch_size": 32}, "polish": {"epochs": 1}},
     "bcu": {"epochs": 2, "batch_size": 64},
 }
 

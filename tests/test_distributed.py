@@ -166,6 +166,7 @@ TINY_DBD = """\
 simclr: {epochs: 1, batch_size: 256}
 linear: {epochs: 2, guard: none}
 mixmatch: {epochs: 1, iterations: 8, batch_size: 32}
+polish: {epochs: 1}
 eval_batch_size: 1000
 """
 

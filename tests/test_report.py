@@ -64,11 +64,12 @@ def tree(tmp_path_factory) -> Path:
     pd = load_data(root / "data")
     train(pd, root / "undefended", tiny_cnn(), TrainConfig(epochs=2, lr=0.05, engine=FP32))
     try:
-        from unbackdoor.defenses.dbd.config import DBDConfig, LinearConfig, MixMatchConfig, SimCLRConfig
+        from unbackdoor.defenses.dbd.config import DBDConfig, LinearConfig, MixMatchConfig, PolishConfig, SimCLRConfig
         from unbackdoor.defenses.dbd.stages import run_dbd
 
         cfg = DBDConfig(simclr=SimCLRConfig(epochs=1, batch_size=128), linear=LinearConfig(epochs=1),
-                        mixmatch=MixMatchConfig(epochs=2, iterations=3, batch_size=32), engine=FP32)
+                        mixmatch=MixMatchConfig(epochs=2, iterations=3, batch_size=32), polish=PolishConfig(epochs=1),
+                        engine=FP32)
         run_dbd(tiny_cnn(), pd, cfg, root / "dbd")
     except ImportError:
         pass
@@ -278,7 +279,7 @@ def test_every_run_writes_the_metrics_schema(tree):
     if "bcu" in by_role:
         assert by_role["bcu"].before == pytest.approx(by_role["undefended"].final)  # the model it started from
     if "dbd" in by_role:
-        assert list(by_role["dbd"].stages) == ["after_stage2", "after_stage3"]
+        assert list(by_role["dbd"].stages) == ["after_stage2", "after_stage3", "after_polish"]
 
 
 def test_history_normalised_per_stage():

@@ -84,7 +84,8 @@ def fit(model: nn.Module, train: ImageDataset, cfg: TrainConfig | None = None,
         checkpoint: str | os.PathLike | None = None, resume: bool = False,
         evaluate: Callable[[nn.Module], dict] | None = None, desc: str = "train", objective: Objective | None = None,
         sam: SAMSettings | None = None, after_step: Callable[[nn.Module], None] | None = None,
-        settings: dict | None = None) -> TrainResult:
+        settings: dict | None = None, augment: Callable | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train ``model`` with cross-entropy on ``train``.
 
     Args:
@@ -99,6 +100,8 @@ def fit(model: nn.Module, train: ImageDataset, cfg: TrainConfig | None = None,
         after_step: called with the model after every optimiser step (e.g. to keep pruned
             weights at zero).
         settings: more settings a resumed run must share (a defense's own), beside ``cfg``'s.
+        augment: ``(x, generator) -> x`` in place of the default crop + flip (with ``cfg.augment``).
+        on_epoch: called with each epoch's record after its checkpoint.
     Returns the trained model (on the engine's device, eval mode) and per-epoch history.
     """
     cfg = cfg or TrainConfig()
@@ -112,7 +115,9 @@ def fit(model: nn.Module, train: ImageDataset, cfg: TrainConfig | None = None,
     loss_of = objective or cross_entropy
     images = train.images.to(eng.device)
     labels = train.labels.to(eng.device)
-    aug = WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False))) if cfg.augment else None
+    aug = None
+    if cfg.augment:
+        aug = augment or WeakAugment(padding=max(1, train.shape[1] // 8), flip=bool(train.meta.get("flip", False)))
 
     def one_epoch(ep: Epoch) -> dict:
         bar = ep.progress(steps_per_epoch)
@@ -149,6 +154,6 @@ def fit(model: nn.Module, train: ImageDataset, cfg: TrainConfig | None = None,
     t_start = time.perf_counter()
     history = run_epochs(eng, one_epoch, epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, settings=run_settings,
                          desc=desc, summary=("loss", "train_accuracy", "clean_accuracy", "attack_success_rate"),
-                         evaluate=evaluate)
+                         evaluate=evaluate, on_epoch=on_epoch)
     eng.model.eval()
     return TrainResult(eng.model, history, time.perf_counter() - t_start, eng.precision.name)

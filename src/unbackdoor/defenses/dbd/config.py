@@ -8,6 +8,7 @@ from unbackdoor.core.config import require_positive
 from unbackdoor.core.errors import UnbackdoorError, unknown_name
 from unbackdoor.data.augment import check_grating, check_patches
 from unbackdoor.training.engine import EngineOptions
+from unbackdoor.training.fit import OptimSettings
 
 GUARDS = ("loss-gap", "none")
 BUDGETS = ("plateau", "fixed")
@@ -178,6 +179,37 @@ class MixMatchConfig:
 
 
 @dataclass
+class PolishConfig(OptimSettings):
+    """Not in the paper: after stage 3, supervised fine-tuning (cross-entropy) of the whole
+    model on the samples whose given label it trusts (:func:`~unbackdoor.defenses.dbd.split.trusted_labels`:
+    the ones it agrees with and, outside the one class a single-target attack inflates, the
+    plausible ones). MixMatch learns the hard clean samples from its own guesses and loses
+    them; their given labels are mostly plausible to the defended model, the poisons'
+    labels are not. ``epochs: 0`` turns it off (the paper's DBD). Same augmentation as
+    stage 3 (crop, flip, gratings, patches)."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.01
+    plausible: float = 0.01  # trusted outside the suspect class: p(given) >= this x p(top class)
+    suspect_ratio: float = 1.5  # suspect class: implausible fraction >= this x the next class's
+    grating: float = 0.5
+    grating_p: float = 0.5
+    patches: float = 0.5
+
+    def validate(self) -> None:
+        if self.epochs == 0:
+            return
+        self.validate_optim("polish")
+        if not 0 < self.plausible <= 1:
+            raise UnbackdoorError(f"polish.plausible must be in (0, 1], got {self.plausible}")
+        if self.suspect_ratio < 1:
+            raise UnbackdoorError(f"polish.suspect_ratio must be >= 1, got {self.suspect_ratio}")
+        check_grating("polish", self.grating, self.grating_p)
+        check_patches("polish", self.patches)
+
+
+@dataclass
 class DBDConfig:
     """All of DBD. Defaults = the paper's settings plus the robustness additions
     (docstring of defenses/dbd/stages.py). Override from YAML with :func:`unbackdoor.core.config.load_config`."""
@@ -185,6 +217,7 @@ class DBDConfig:
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     mixmatch: MixMatchConfig = field(default_factory=MixMatchConfig)
+    polish: PolishConfig = field(default_factory=PolishConfig)
     seed: int = 0
     eval_batch_size: int = 512
     engine: EngineOptions = field(default_factory=EngineOptions)
@@ -193,6 +226,7 @@ class DBDConfig:
         self.simclr.validate()
         self.linear.validate()
         self.mixmatch.validate()
+        self.polish.validate()
         require_positive("dbd", eval_batch_size=self.eval_batch_size)
 
 

@@ -10,7 +10,7 @@ from unbackdoor.defenses.dbd.stages import epoch_iterations, run_dbd
 from unbackdoor.models.registry import build_for_data
 from unbackdoor.training.engine import set_seed
 
-_STAGES = ("simclr", "linear", "mixmatch")
+_STAGES = ("simclr", "linear", "mixmatch", "polish")
 
 
 def _stage_costs(cfg: DBDConfig, n: int) -> dict[str, float]:
@@ -19,7 +19,7 @@ def _stage_costs(cfg: DBDConfig, n: int) -> dict[str, float]:
     epoch like a linear-head epoch."""
     s, mm = cfg.simclr, cfg.mixmatch
     return {"simclr": 2.0 * (n // s.batch_size) * s.batch_size, "linear": 1.4 * n,
-            "mixmatch": epoch_iterations(mm, int(mm.epsilon * n)) * mm.batch_size * 1.75}
+            "mixmatch": epoch_iterations(mm, int(mm.epsilon * n)) * mm.batch_size * 1.75, "polish": 0.9 * n}
 
 
 class DBD(Defense):
@@ -31,21 +31,23 @@ class DBD(Defense):
     description = (
         "Backdoor Defense via Decoupling the Training Process (Huang et al., ICLR 2022): SimCLR backbone without "
         "labels, a linear head on the frozen backbone (SCE), then MixMatch fine-tuning on the low-loss half as "
-        "labelled data. Writes the model directory (model.safetensors + model.json) at OUT, checkpoints/, "
+        "labelled data; then (not in the paper) a short supervised polish on the labels the model trusts. Writes the model directory (model.safetensors + model.json) at OUT, checkpoints/, "
         "config.yaml, metrics.json, detection.csv/.json and history.json.")
     preset_of = staticmethod(dbd_preset)
     featured = True
 
     def describe(self, cfg: DBDConfig, inputs: DefenseInputs) -> str:
+        polish = f" → polish {cfg.polish.epochs} ep" if cfg.polish.epochs > 0 else ""
         return (f"SimCLR {cfg.simclr.epochs} ep → linear head ≤{cfg.linear.epochs} ep → "
-                f"MixMatch ≤{cfg.mixmatch.epochs} ep")
+                f"MixMatch ≤{cfg.mixmatch.epochs} ep{polish}")
 
     def run(self, inputs: DefenseInputs, cfg: DBDConfig, out_dir: str | os.PathLike, *, resume: bool = False,
             force: bool = False, progress: Progress | None = None) -> DefenseResult:
         self.check(inputs)
         train = inputs.train
         cost = _stage_costs(cfg, len(train))
-        epochs = {"simclr": cfg.simclr.epochs, "linear": cfg.linear.epochs, "mixmatch": cfg.mixmatch.epochs}
+        epochs = {"simclr": cfg.simclr.epochs, "linear": cfg.linear.epochs, "mixmatch": cfg.mixmatch.epochs,
+                  "polish": cfg.polish.epochs}
         total = sum(cost[k] * epochs[k] for k in _STAGES)
 
         def on_epoch(stage: str, rec: dict[str, Any]) -> None:

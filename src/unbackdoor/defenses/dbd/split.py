@@ -60,8 +60,9 @@ def sample_losses(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta
 @torch.no_grad()
 def sample_scores(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta: float = 1.0,
                   batch_size: int = 512, dist: DistContext | None = None) -> torch.Tensor:
-    """Per-sample SCE loss and agreement (1.0 where the prediction is the given label) of
-    ``model`` (eval mode, no augmentation) on ``data``: float (N, 2) on CPU.
+    """Per-sample SCE loss, agreement (1.0 where the prediction is the given label) and
+    plausibility of the given label (log p_given - log p_top: 0 where it is the top class)
+    of ``model`` (eval mode, no augmentation) on ``data``: float (N, 3) on CPU.
     Always fp32, whatever the stages train in: scoring with bf16 autocast was faster
     but moved the split enough to let the SIG backdoor through on one seed
     (evidence: docs/results_dbd.md, Benchmark).
@@ -82,11 +83,13 @@ def sample_scores(model: nn.Module, data: ImageDataset, alpha: float = 0.1, beta
             x = data.images[j].to(dev).float().div_(255)
             y = data.labels[j].to(dev)
             logits = model(x)
+            logp = logits.float().log_softmax(1)
             out.append(torch.stack([symmetric_cross_entropy(logits, y, alpha, beta, reduction="none"),
-                                    (logits.argmax(1) == y).float()], 1).cpu())
+                                    (logits.argmax(1) == y).float(),
+                                    logp.gather(1, y[:, None])[:, 0] - logp.max(1).values], 1).cpu())
     finally:
         model.train(was_training)
-    local = torch.cat(out) if out else torch.zeros(0, 2)
+    local = torch.cat(out) if out else torch.zeros(0, 3)
     if not ctx.enabled:
         return local
     return gather_sharded(local.to(dev), len(data), ctx).cpu()
@@ -130,6 +133,48 @@ def split_by_loss(model: nn.Module, train: ImageDataset, eps: float = 0.5, alpha
     rest = order[~kept[order]]  # the rest of the budget by global loss
     kept[rest[: max(0, int(len(losses) * eps) - int(kept.sum()))]] = True
     return Split(losses, kept, agreeing)
+
+
+@dataclass
+class Trust:
+    """Which given labels the polish trusts (:func:`trusted_labels`)."""
+
+    kept: torch.Tensor  # bool (N,), on CPU: the label is trusted
+    implausible: list[float]  # per class: fraction of its samples whose given label is implausible
+    suspect: list[int]  # classes whose implausible samples are not trusted even where plausible
+
+    def summary(self, poisoned: torch.Tensor | None) -> dict:
+        out = {"n_trusted": int(self.kept.sum()), "suspect_classes": self.suspect,
+               "implausible_fraction": [round(f, 4) for f in self.implausible]}
+        if poisoned is not None:
+            out["poisoned_trusted"] = int((self.kept & poisoned).sum())
+        return out
+
+
+def trusted_labels(model: nn.Module, train: ImageDataset, plausible: float = 0.01, ratio: float = 1.5,
+                   batch_size: int = 512, dist: DistContext | None = None) -> Trust:
+    """The samples whose given label the polish trains on (``PolishConfig``).
+
+    A label is *plausible* when the model gives it at least ``plausible`` times the
+    probability of its top class. A single-target attack relabels its poisons to one
+    class, so that class holds far more implausible labels than any other: the class
+    with the largest implausible fraction is *suspect* when that fraction is at least
+    ``ratio`` times the next largest. Trusted: every sample the model agrees with, and
+    in the other classes every plausible one. Only the given labels and the model's
+    own predictions decide (no poison mask, no test set)."""
+    if not 0 < plausible <= 1:
+        raise UnbackdoorError(f"polish.plausible must be in (0, 1], got {plausible}")
+    sc = sample_scores(model, train, batch_size=batch_size, dist=dist)
+    agreeing, ok = sc[:, 1] > 0.5, sc[:, 2] >= math.log(plausible)
+    labels = train.labels.cpu()
+    sizes = torch.bincount(labels, minlength=train.num_classes).clamp(min=1).float()
+    frac = torch.bincount(labels[~ok], minlength=train.num_classes).float() / sizes
+    order = frac.argsort(descending=True, stable=True)
+    suspect = torch.zeros(train.num_classes, dtype=torch.bool)
+    if train.num_classes > 1 and frac[order[0]] > 0 and frac[order[0]] >= ratio * frac[order[1]]:
+        suspect[order[0]] = True
+    kept = agreeing | (ok & ~suspect[labels])
+    return Trust(kept, [float(f) for f in frac], torch.nonzero(suspect).flatten().tolist())
 
 
 def loss_auroc(losses: torch.Tensor, poisoned: torch.Tensor) -> float | None:
