@@ -152,16 +152,19 @@ class Trust:
 
 
 def trusted_labels(model: nn.Module, train: ImageDataset, plausible: float = 0.01, ratio: float = 1.5,
-                   batch_size: int = 512, dist: DistContext | None = None) -> Trust:
+                   batch_size: int = 512, dist: DistContext | None = None,
+                   labelled: torch.Tensor | None = None) -> Trust:
     """The samples whose given label the polish trains on (``PolishConfig``).
 
     A label is *plausible* when the model gives it at least ``plausible`` times the
     probability of its top class. A single-target attack relabels its poisons to one
     class, so that class holds far more implausible labels than any other: the class
     with the largest implausible fraction is *suspect* when that fraction is at least
-    ``ratio`` times the next largest. Trusted: every sample the model agrees with, and
-    in the other classes every plausible one. Only the given labels and the model's
-    own predictions decide (no poison mask, no test set)."""
+    ``ratio`` times the next largest. Trusted: in the suspect class the samples the model
+    agrees with that are also in ``labelled`` (stage 3's final high-credible part, where
+    given: a poison the model has started to agree with is still a high-loss sample of
+    its class there), in the other classes every plausible one. Only the given labels and
+    the model's own predictions decide (no poison mask, no test set)."""
     if not 0 < plausible <= 1:
         raise UnbackdoorError(f"polish.plausible must be in (0, 1], got {plausible}")
     sc = sample_scores(model, train, batch_size=batch_size, dist=dist)
@@ -173,7 +176,9 @@ def trusted_labels(model: nn.Module, train: ImageDataset, plausible: float = 0.0
     suspect = torch.zeros(train.num_classes, dtype=torch.bool)
     if train.num_classes > 1 and frac[order[0]] > 0 and frac[order[0]] >= ratio * frac[order[1]]:
         suspect[order[0]] = True
-    kept = agreeing | (ok & ~suspect[labels])
+    in_suspect = suspect[labels]
+    sure = agreeing if labelled is None else agreeing & labelled.cpu()
+    kept = (in_suspect & sure) | (~in_suspect & (ok | agreeing))
     return Trust(kept, [float(f) for f in frac], torch.nonzero(suspect).flatten().tolist())
 
 

@@ -533,13 +533,15 @@ def mixmatch_stage(model: nn.Module, train: ImageDataset, cfg: MixMatchConfig | 
 def polish_stage(model: nn.Module, train: ImageDataset, cfg: PolishConfig | None = None,
                  checkpoint: str | os.PathLike | None = None, resume: bool = False, *, seed: int = 0,
                  engine: EngineOptions | None = None, on_epoch: Callable[[dict], None] | None = None,
-                 evaluate: Callable[[nn.Module], dict] | None = None, eval_batch_size: int = 512) -> StageResult:
+                 evaluate: Callable[[nn.Module], dict] | None = None, eval_batch_size: int = 512,
+                 labelled: torch.Tensor | None = None) -> StageResult:
     """Supervised fine-tuning of the stage-3 ``model`` on the samples whose given label it
-    trusts (:class:`PolishConfig`, :func:`trusted_labels`, decided once from the stage-3
-    model). ``extra['trust']`` summarises the choice."""
+    trusts (:class:`PolishConfig`, :func:`trusted_labels` with stage 3's final split
+    ``labelled``, decided once from the stage-3 model). ``extra['trust']`` summarises the choice."""
     cfg = cfg or PolishConfig()
     cfg.validate()
-    trust = trusted_labels(model, train, cfg.plausible, cfg.suspect_ratio, eval_batch_size, current_context())
+    trust = trusted_labels(model, train, cfg.plausible, cfg.suspect_ratio, eval_batch_size, current_context(),
+                           labelled)
     kept = torch.nonzero(trust.kept).flatten()
     if len(kept) == 0:
         raise UnbackdoorError("the polish trusts none of the training labels")
@@ -660,7 +662,7 @@ def run_dbd(
         s4 = None
         if cfg.polish.epochs > 0:
             s4 = polish_stage(model, train, cfg.polish, ck("polish"), resume, on_epoch=cb("polish"), evaluate=ev,
-                              eval_batch_size=cfg.eval_batch_size, **kw)
+                              eval_batch_size=cfg.eval_batch_size, labelled=split.kept, **kw)
             model = s4.model
             metrics["polish"] = s4.extra["trust"]
             if test is not None and ctx.is_main:
