@@ -35,7 +35,7 @@ def one(n: int, precision: str, device: str) -> dict:
     from unbackdoor.defenses.bcu.distill import distill, reinitialize
     from unbackdoor.defenses.bcu.schedule import layer_schedule
     from unbackdoor.defenses.dbd.config import dbd_preset
-    from unbackdoor.defenses.dbd.stages import linear_stage, mixmatch_stage, simclr_stage
+    from unbackdoor.defenses.dbd.stages import linear_stage, mixmatch_stage, polish_stage, simclr_stage
     from unbackdoor.models.registry import create
     from unbackdoor.training.device import pick_device, resolve_precision, tune_cpu_allocator
     from unbackdoor.training.engine import EngineOptions
@@ -61,7 +61,10 @@ def one(n: int, precision: str, device: str) -> dict:
     mm = replace(cfg.mixmatch, epochs=1, budget="fixed", iterations=max(1, len(ds) // cfg.mixmatch.batch_size))
     mixmatch_stage(model, ds, mm, engine=eng)
     out["mixmatch"] = time.perf_counter() - t
-    out["dbd"] = out["simclr"] + out["linear"] + out["mixmatch"]
+    t = time.perf_counter()
+    polish_stage(model, ds, replace(cfg.polish, epochs=1), engine=eng)
+    out["polish"] = time.perf_counter() - t
+    out["dbd"] = out["simclr"] + out["linear"] + out["mixmatch"] + out["polish"]
     bcfg = bcu_preset("quick")
     bcfg = replace(bcfg, steps=None, epochs=1, engine=eng)
     teacher = model.eval()
@@ -94,15 +97,15 @@ def main() -> None:
             print(f"round {r + 1}: {n} images done", file=sys.stderr, flush=True)
     print(f"precision: {runs[sizes[0]][0]['precision']}; medians of {args.rounds} rounds; "
           "microseconds per training image (one epoch / pass of each stage)")
-    print("| images | SimCLR | head | MixMatch | DBD | BCU | peak RSS |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| images | SimCLR | head | MixMatch | polish | DBD | BCU | peak RSS |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     per = {}
     for n in sizes:
-        m = {k: statistics.median(r[k] for r in runs[n]) for k in ("simclr", "linear", "mixmatch", "dbd", "bcu")}
+        m = {k: statistics.median(r[k] for r in runs[n]) for k in ("simclr", "linear", "mixmatch", "polish", "dbd", "bcu")}
         count = runs[n][0]["n"]
         per[n] = {k: v / count for k, v in m.items()}
         rss = max(r["peak_rss_mib"] for r in runs[n])
-        print(f"| {count:,} | " + " | ".join(f"{1e6 * per[n][k]:.0f}" for k in ("simclr", "linear", "mixmatch", "dbd", "bcu"))
+        print(f"| {count:,} | " + " | ".join(f"{1e6 * per[n][k]:.0f}" for k in ("simclr", "linear", "mixmatch", "polish", "dbd", "bcu"))
               + f" | {rss:.0f} MiB |")
     for k in ("dbd", "bcu"):
         vals = [per[n][k] for n in sizes]
