@@ -593,7 +593,7 @@ def run_dbd(
             attack give BA / ASR / RA after stages 2 and 3) or a bare :class:`ImageDataset`
             (the training set: detection and the model; ``test`` / ``attack`` measure it).
         out_dir: if given, written: the model directory at ``out_dir`` itself
-            (``unbackdoor.load_model(out_dir)``), ``checkpoints/{simclr,linear,mixmatch}.pt``,
+            (``unbackdoor.load_model(out_dir)``), ``checkpoints/{simclr,linear,mixmatch,polish}.pt``,
             ``config.yaml``, ``metrics.json``, ``detection.csv`` (per sample: index, label, final
             SCE loss, kept, poisoned), ``detection.json`` (scores vs the poison mask where known,
             incl. the loss's AUROC and the split after stage 2; ``flagged_indices``), ``history.json``.
