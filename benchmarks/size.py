@@ -76,6 +76,9 @@ def one(n: int, precision: str, device: str) -> dict:
     return out
 
 
+COLUMNS = ("simclr", "linear", "mixmatch", "polish", "dbd", "bcu")  # the table's per-image seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="5000,15000,60000")
@@ -101,11 +104,11 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     per = {}
     for n in sizes:
-        m = {k: statistics.median(r[k] for r in runs[n]) for k in ("simclr", "linear", "mixmatch", "polish", "dbd", "bcu")}
+        m = {k: statistics.median(r[k] for r in runs[n]) for k in COLUMNS}
         count = runs[n][0]["n"]
         per[n] = {k: v / count for k, v in m.items()}
         rss = max(r["peak_rss_mib"] for r in runs[n])
-        print(f"| {count:,} | " + " | ".join(f"{1e6 * per[n][k]:.0f}" for k in ("simclr", "linear", "mixmatch", "polish", "dbd", "bcu"))
+        print(f"| {count:,} | " + " | ".join(f"{1e6 * per[n][k]:.0f}" for k in COLUMNS)
               + f" | {rss:.0f} MiB |")
     for k in ("dbd", "bcu"):
         vals = [per[n][k] for n in sizes]

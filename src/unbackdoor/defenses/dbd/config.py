@@ -183,9 +183,9 @@ class PolishConfig(OptimSettings):
     """Not in the paper: after stage 3, supervised fine-tuning (cross-entropy) of the whole
     model on the samples whose given label it trusts (:func:`~unbackdoor.defenses.dbd.split.trusted_labels`:
     in the one class a single-target attack inflates with implausible labels, the ones it
-    agrees with that stage 3 kept labelled; elsewhere the plausible ones). MixMatch learns the hard clean samples from its own guesses and loses
-    them; their given labels are mostly plausible to the defended model, the poisons'
-    labels are not. ``epochs: 0`` turns it off (the paper's DBD). Same augmentation as
+    agrees with that stage 3 kept labelled; elsewhere the plausible ones). MixMatch learns
+    the hard clean samples from its own guesses and loses them; their given labels are
+    mostly plausible to the defended model, the poisons' labels are not. ``epochs: 0`` turns it off (the paper's DBD). Same augmentation as
     stage 3 (crop, flip, gratings, patches)."""
 
     epochs: int = 30

@@ -141,7 +141,7 @@ class Trust:
 
     kept: torch.Tensor  # bool (N,), on CPU: the label is trusted
     implausible: list[float]  # per class: fraction of its samples whose given label is implausible
-    suspect: list[int]  # classes whose implausible samples are not trusted even where plausible
+    suspect: list[int]  # classes where only agreeing, stage-3-labelled samples are trusted
 
     def summary(self, poisoned: torch.Tensor | None) -> dict:
         out = {"n_trusted": int(self.kept.sum()), "suspect_classes": self.suspect,
