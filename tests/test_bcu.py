@@ -28,6 +28,7 @@ from unbackdoor.defenses.bcu.distill import (
     reinitialize,
     resolve_epochs,
     run_bcu,
+    student_view,
     temperature_at,
 )
 from unbackdoor.defenses.bcu.schedule import PAPER_STAGE_P, depth_probabilities, layer_schedule
@@ -80,6 +81,40 @@ def test_depth_rule_for_shallow_nets_and_overrides():
         layer_schedule(model, BCUConfig(p_overrides={"backbone.99": 0.3}))
     with pytest.raises(UnbackdoorError, match="stages"):
         layer_schedule(model, BCUConfig(rule="stages"))
+
+
+# ---------------------------------------------------------------------------- the student's view
+def test_random_warp_moves_pixels_by_at_most_its_strength():
+    from unbackdoor.data.augment import random_warp
+
+    w = 28
+    ramp = torch.linspace(0, 1, w).view(1, 1, 1, w).expand(64, 1, w, w).contiguous()  # value = column / 27
+    out = random_warp(ramp, strength=2.0, p=1.0, gen=torch.Generator().manual_seed(0))
+    # on a horizontal ramp the change of value is the horizontal displacement (in pixels / 27)
+    dx = ((out - ramp) * (w - 1)).abs()[..., 2:-2].flatten(1).mean(1)  # away from the clamped borders
+    assert float(dx.max()) <= 1.25  # mean displacement up to strength / 2 = 1 pixel
+    assert 0.2 < float(dx.mean()) < 0.8  # uniform in [0, strength / 2]: neither off nor pinned at the top
+    half = random_warp(ramp, strength=2.0, p=0.5, gen=torch.Generator().manual_seed(0))
+    assert 10 < int(((half - ramp).abs().flatten(1).amax(1) > 1e-5).sum()) < 54  # p = 0.5: some images
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(random_warp(x, strength=0.0, p=1.0), x, atol=1e-5)  # strength 0: identity
+
+
+def test_student_view_applies_only_the_additions_that_are_on():
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    off = BCUConfig(grating=0.0, patches=0.0, warp=0.0)
+    assert student_view(x, off, torch.Generator().manual_seed(1)) is x  # nothing to copy
+    for kw in ({"grating": 0.5, "grating_p": 1.0}, {"patches": 1.0}, {"warp": 1.0, "warp_p": 1.0}):
+        cfg = replace(off, **kw)
+        v = student_view(x, cfg, torch.Generator().manual_seed(1))
+        assert v.shape == x.shape and not torch.equal(v, x)
+        assert torch.equal(v, student_view(x, cfg, torch.Generator().manual_seed(1)))  # seeded
+    with pytest.raises(UnbackdoorError, match="bcu.warp"):
+        BCUConfig(warp=5.0).validate()
+    with pytest.raises(UnbackdoorError, match="bcu.warp_p"):
+        BCUConfig(warp=1.0, warp_p=1.5).validate()
+    with pytest.raises(UnbackdoorError, match="bcu.patches"):
+        BCUConfig(patches=-0.1).validate()
 
 
 # ---------------------------------------------------------------------------- re-initialisation

@@ -418,6 +418,7 @@ AUGMENTATIONS = {
     "contrast_only_jitter": lambda x, g: A.color_jitter(x, 0.0, 0.4, 0.0, 0.0, p=1.0, gen=g),
     "random_grating": lambda x, g: A.random_grating(x, 0.5, 1.0, g),
     "random_patches": lambda x, g: A.random_patches(x, 1.0, gen=g),
+    "random_warp": lambda x, g: A.random_warp(x, 1.0, 1.0, gen=g),
 }
 
 

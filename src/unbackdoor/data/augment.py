@@ -344,3 +344,44 @@ def random_grating(
     arg = u * theta.cos().view(n, 1, 1) + v * theta.sin().view(n, 1, 1)  # (n, h, w); then in place, same values
     arg = arg.mul_(2 * math.pi * freq.view(n, 1, 1)).add_(phase.view(n, 1, 1)).sin_()
     return (x + arg.mul_(amp.view(n, 1, 1))[:, None]).clamp_(0, 1)
+
+
+def check_warp(where: str, strength: float, p: float) -> None:
+    """Validate the ``warp`` / ``warp_p`` settings of a config section ``where``."""
+    if not 0 <= strength <= 4:
+        raise UnbackdoorError(f"{where}.warp must be a strength in [0, 4], got {strength}")
+    if not 0 <= p <= 1:
+        raise UnbackdoorError(f"{where}.warp_p must be a probability in [0, 1], got {p}")
+
+
+def random_warp(
+    x: torch.Tensor, strength: float = 1.0, p: float = 0.5, grid: tuple[int, int] = (2, 6),
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A random smooth (elastic) warp on each image with probability ``p``.
+
+    Per image: a ``k x k`` field of random 2-D displacements (``k`` uniform in ``grid``),
+    normalised to mean absolute value 1, bicubically upsampled to the image and scaled so
+    that its mean displacement is up to ``strength / 2`` pixels (uniform in [0, strength]
+    times half a pixel); the image is resampled bilinearly at the displaced positions.
+    Elastic distortion is a classic augmentation of handwritten digits (Simard et al.,
+    2003). Not in the BCU paper: BCU's addition against warp triggers (WaNet's field is
+    the same family at strength 0.5, docs/results_bcu.md).
+    """
+    n, _, h, w = x.shape
+    dev, dt = x.device, x.dtype
+    lo, hi = grid
+    k = int(lo + torch.randint(0, hi - lo + 1, (1,), generator=gen, device=dev).item())  # one k a batch: one upsample
+    field = torch.rand(n, 2, k, k, generator=gen, device=dev, dtype=torch.float32) * 2 - 1
+    field = field / field.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    field = F.interpolate(field, size=(h, w), mode="bicubic", align_corners=True)
+    on = (_rand(n, gen, dev) < p).float()
+    scale = _rand(n, gen, dev) * strength * on  # mean |displacement| in half pixels
+    # normalised coordinates span 2 per side: one pixel is 2 / side
+    field = field * (scale.view(n, 1, 1, 1) / max(h, w))
+    ys = torch.linspace(-1, 1, h, device=dev)
+    xs = torch.linspace(-1, 1, w, device=dev)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    base = torch.stack((xx, yy), -1)[None]  # (1, h, w, 2), grid_sample's (x, y) order
+    g = (base + field.permute(0, 2, 3, 1)).clamp_(-1, 1)
+    return F.grid_sample(x.float(), g, mode="bilinear", padding_mode="border", align_corners=True).clamp_(0, 1).to(dt)

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from unbackdoor.core.errors import UnbackdoorError, unknown_name
-from unbackdoor.data.augment import check_grating
+from unbackdoor.data.augment import check_grating, check_patches, check_warp
 from unbackdoor.training.engine import EngineOptions
 from unbackdoor.training.fit import OptimSettings
 
@@ -26,7 +26,10 @@ class BCUConfig(OptimSettings):
     t_start: float = 1.0  # distillation temperature, ramped linearly per epoch ...
     t_end: float = 4.0  # ... reaching t_end at the last epoch (reference: T_e = 1 + 3 (e+1) / E)
     grating: float = 0.5  # not in the paper: max amplitude of a random grating on the *student's* input (0: off) ...
-    grating_p: float = 0.5  # ... with this probability; the teacher always sees the clean image (module docstring)
+    grating_p: float = 0.25  # ... with this probability; the teacher always sees the clean image (module docstring)
+    patches: float = 0.0  # not in the paper: probability of random binary patches on the student's input (0: off)
+    warp: float = 1.0  # not in the paper: strength of a random elastic warp on the student's input (0: off) ...
+    warp_p: float = 0.5  # ... with this probability
     rule: str = "auto"  # layer schedule: auto | stages | depth (module docstring)
     stage_p: tuple[float, ...] = PAPER_STAGE_P  # stem, stage1..4, classifier
     p_scale: float = 1.0  # multiplies every rule-derived p (clamped to 1)
@@ -63,6 +66,8 @@ class BCUConfig(OptimSettings):
         if self.eval_every < 1:
             raise UnbackdoorError(f"bcu.eval_every must be >= 1, got {self.eval_every}")
         check_grating("bcu", self.grating, self.grating_p)
+        check_patches("bcu", self.patches)
+        check_warp("bcu", self.warp, self.warp_p)
 
 
 PRESETS = ("paper", "quick")

@@ -41,8 +41,8 @@ sequentially defined models); the last Linear is the classifier.
 ``p_overrides`` (module-name glob -> p, last match wins) sets layers
 explicitly and is not scaled.
 
-Addition (not in the paper; ``grating: 0`` gives the reference exactly)
--------------------------------------------------------------------------
+Additions (not in the paper; ``grating: 0, warp: 0`` gives the reference exactly)
+---------------------------------------------------------------------------------
 SIG's clean-label sinusoid survived every partial re-initialisation that kept
 the clean accuracy (evidence: docs/results_bcu.md, "Random gratings on the
 student's input (SIG)"): the kept shallow layers still respond to stripes, and
@@ -52,6 +52,14 @@ amplitude up to ``grating``, frequency, orientation, phase) while the target
 stays the teacher's output on the clean image: the student learns that an
 additive periodic pattern does not change the class. The teacher's own
 (backdoored) response to stripes is never distilled.
+
+Two more student-side additions use the same principle: ``warp > 0`` applies a
+random smooth elastic warp (mean displacement up to ``warp / 2`` pixels, with
+probability ``warp_p``; against warp triggers such as WaNet, whose residual ASR it
+roughly halved on Fashion-MNIST) and ``patches > 0`` pastes random binary squares
+(measured no gain against BadNets' patch, so off); docs/results_bcu.md, "Random
+warps on the student's input (WaNet)". :func:`student_view` applies them in the
+order grating, patches, warp.
 """
 from __future__ import annotations
 
@@ -72,7 +80,7 @@ from unbackdoor.core import layout
 from unbackdoor.core.errors import EmptyDataset, UnbackdoorError
 from unbackdoor.core.files import plain, prepare_out_dir, rollback_on_failure, write_json, write_yaml
 from unbackdoor.core.layout import run_metrics
-from unbackdoor.data.augment import WeakAugment, random_grating
+from unbackdoor.data.augment import WeakAugment, random_grating, random_patches, random_warp
 from unbackdoor.data.dataset import ImageDataset
 from unbackdoor.data.unlabeled import load_unlabeled
 from unbackdoor.defenses.bcu.config import BCUConfig, resolve_epochs, temperature_at
@@ -133,6 +141,19 @@ def reinitialize(model: nn.Module, schedule: Mapping[str, float] | list[LayerP],
 
 
 # ============================================================================ stage 2
+def student_view(x: torch.Tensor, cfg: BCUConfig, gen: torch.Generator | None = None) -> torch.Tensor:
+    """The student's copy of a batch: ``x`` plus the additions that are on (random
+    grating, random patches, random elastic warp, in that order); ``x`` itself when none is."""
+    xs = x
+    if cfg.grating > 0:
+        xs = random_grating(xs, cfg.grating, cfg.grating_p, gen)
+    if cfg.patches > 0:
+        xs = random_patches(xs, cfg.patches, gen=gen)
+    if cfg.warp > 0:
+        xs = random_warp(xs, cfg.warp, cfg.warp_p, gen=gen)
+    return xs
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(teacher/T) || softmax(student/T)), summed over classes, mean over the batch.
 
@@ -203,7 +224,9 @@ def distill(teacher: nn.Module, student: nn.Module, unlabeled: ImageDataset, cfg
             x = eng.input(x)
             # Gratings go on the student's copy only: it learns the teacher's answer for the
             # clean image, i.e. that an additive periodic pattern does not change the class.
-            xs = eng.input(random_grating(x, cfg.grating, cfg.grating_p, gen)) if cfg.grating > 0 else x
+            xs = student_view(x, cfg, gen)
+            if xs is not x:
+                xs = eng.input(xs)
             with eng.autocast():
                 with torch.no_grad():
                     t_logits = teacher(x)
