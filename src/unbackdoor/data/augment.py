@@ -209,10 +209,14 @@ def random_noise(
     return noise.mul_(std).add_(x + off).clamp_(0, 1)  # in place, same values as (x + off + noise * std)
 
 
+def _check_range(setting: str, value: float, hi: float, what: str) -> None:
+    if not 0 <= value <= hi:
+        raise UnbackdoorError(f"{setting} must be {what} in [0, {hi:g}], got {value}")
+
+
 def check_patches(where: str, p: float) -> None:
     """Validate the ``patches`` setting (a probability) of a config section ``where``."""
-    if not 0 <= p <= 1:
-        raise UnbackdoorError(f"{where}.patches must be a probability in [0, 1], got {p}")
+    _check_range(f"{where}.patches", p, 1, "a probability")
 
 
 def random_patches(
@@ -313,10 +317,8 @@ def weak_augment_for(meta: dict, image_size: int) -> WeakAugment:
 
 def check_grating(where: str, amplitude: float, p: float) -> None:
     """Validate the ``grating`` / ``grating_p`` settings of a config section ``where``."""
-    if not 0 <= amplitude <= 1:
-        raise UnbackdoorError(f"{where}.grating must be an amplitude in [0, 1], got {amplitude}")
-    if not 0 <= p <= 1:
-        raise UnbackdoorError(f"{where}.grating_p must be a probability in [0, 1], got {p}")
+    _check_range(f"{where}.grating", amplitude, 1, "an amplitude")
+    _check_range(f"{where}.grating_p", p, 1, "a probability")
 
 
 def random_grating(
@@ -348,10 +350,8 @@ def random_grating(
 
 def check_warp(where: str, strength: float, p: float) -> None:
     """Validate the ``warp`` / ``warp_p`` settings of a config section ``where``."""
-    if not 0 <= strength <= 4:
-        raise UnbackdoorError(f"{where}.warp must be a strength in [0, 4], got {strength}")
-    if not 0 <= p <= 1:
-        raise UnbackdoorError(f"{where}.warp_p must be a probability in [0, 1], got {p}")
+    _check_range(f"{where}.warp", strength, 4, "a strength")
+    _check_range(f"{where}.warp_p", p, 1, "a probability")
 
 
 def random_warp(
